@@ -1,0 +1,43 @@
+# `make run` and `make test` set themselves up: a .venv with the project installed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+CONFIG    ?= configs/thumbnails.yaml
+BACKEND   ?=
+WORKERS   ?=
+SCHEDULER ?=
+ARGS      ?=
+PYTEST_ARGS ?=
+
+RUN_FLAGS := $(if $(BACKEND),--backend $(BACKEND)) $(if $(WORKERS),--workers $(WORKERS)) \
+             $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
+
+.PHONY: setup run test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required" if sys.version_info < (3, 11) else 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m pipeline run $(CONFIG) $(RUN_FLAGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests configs
+	$(BIN)/ruff format --check pipeline tests configs
+
+format: $(STAMP)
+	$(BIN)/ruff format pipeline tests configs
+	$(BIN)/ruff check --fix pipeline tests configs
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Execution layer: backends, the partition engine, and the code that runs in tasks."""

@@ -1,0 +1,77 @@
+"""Run a job end to end: config -> plan -> backend -> engine -> run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.execution.backends import Backend, backend_class
+from pipeline.execution.engine import execute, plan_partitions
+from pipeline.plan import Plan, build_plan
+from pipeline.stages.base import Record
+from pipeline.state.results import ResultsWriter, RunStats, write_report
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the user asked for: a config file plus command-line overrides."""
+
+    config: Path
+    overrides: Sequence[str] = ()
+    backend: str | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+
+    def all_overrides(self) -> list[str]:
+        """`--set` overrides, with the dedicated flags turned into the same form."""
+        flags = {
+            "backend.kind": self.backend,
+            "backend.workers": self.workers,
+            "backend.address": self.scheduler,
+        }
+        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+        if self.scheduler and not self.backend:
+            extra.append("backend.kind=distributed")
+        return [*self.overrides, *extra]
+
+
+def prepare(request: RunRequest) -> tuple[Plan, Backend]:
+    """Load, validate and plan; raise ConfigError naming every problem."""
+    job, doc = load_config(request.config, request.all_overrides())
+    plan = build_plan(job, doc)
+    try:
+        cls = backend_class(job.backend.kind)
+    except ConfigError as exc:
+        raise ConfigError(doc.problem(("backend", "kind"), str(exc))) from None
+    return plan, cls(job.backend)
+
+
+def run(
+    request: RunRequest, on_progress: Callable[[RunStats], None] | None = None
+) -> dict[str, Any]:
+    """Run the job; return its report (also written to the run directory)."""
+    plan, backend = prepare(request)
+    run_dir = Path(plan.config.output)
+    stats = RunStats()
+    with ResultsWriter(run_dir) as results:
+
+        def on_records(records: list[Record]) -> None:
+            results.write(records)
+            stats.add(records)
+            if on_progress:
+                on_progress(stats)
+
+        execute(plan, backend, plan_partitions(plan), on_records)
+    report = stats.report(
+        job=plan.config.name,
+        config_hash=plan.fingerprint,
+        backend=backend.describe(),
+        run_dir=str(run_dir),
+    )
+    report["exit_code"] = 0 if stats.statuses["failed"] == 0 else 1
+    write_report(run_dir, report)
+    return report

@@ -1,0 +1,6 @@
+"""Plan layer: the validated stage DAG and the partitioning of its inputs."""
+
+from pipeline.plan.dag import Plan, StageNode, build_plan
+from pipeline.plan.partitions import partitions
+
+__all__ = ["Plan", "StageNode", "build_plan", "partitions"]

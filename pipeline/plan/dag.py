@@ -1,0 +1,144 @@
+"""The plan: validated stages in topological order, and the edges between them.
+
+`build_plan` checks what the config layer cannot: stage kinds and their
+options, inputs that exist, roles that fit (a source has no input, a sink no
+consumer), and cycles. Every problem names the file, line and key. A `Plan`
+is small and picklable: it is what every task receives, and each worker
+compiles it once into live stage objects (`Plan.compile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+from pipeline.config import ConfigDocument, JobConfig, Options
+from pipeline.config.model import suggest, validate_model
+from pipeline.errors import ConfigError
+from pipeline.stages.base import JobContext, Source, Stage
+from pipeline.stages.registry import stage_kinds
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One stage of the plan: what it is, what it reads, its validated options."""
+
+    name: str
+    kind: str
+    role: str
+    inputs: tuple[str, ...]
+    options: Options
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The validated job: stages in topological order plus run settings."""
+
+    job: JobContext
+    config: JobConfig
+    nodes: tuple[StageNode, ...]
+
+    @cached_property
+    def by_name(self) -> dict[str, StageNode]:
+        return {node.name: node for node in self.nodes}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the effective config: same hash, same outputs."""
+        canonical = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def consumers(self, name: str) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes if name in node.inputs)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes if node.role == "source")
+
+    def compile(self) -> dict[str, Stage]:
+        """Instantiate every stage and tell each about its neighbours."""
+        kinds = stage_kinds()
+        stages = {
+            node.name: kinds[node.kind](node.name, node.options, self.job) for node in self.nodes
+        }
+        for node in self.nodes:
+            stage = stages[node.name]
+            stage.connect([stages[name] for name in self.consumers(node.name)])
+            stage.connect_inputs([stages[name] for name in node.inputs])
+        return stages
+
+    def source_stages(self) -> dict[str, Source]:
+        """Only the sources, for the client to read items from."""
+        kinds = stage_kinds()
+        return {
+            name: kinds[self.by_name[name].kind](name, self.by_name[name].options, self.job)
+            for name in self.sources
+        }  # type: ignore[misc]
+
+
+def build_plan(job: JobConfig, doc: ConfigDocument) -> Plan:
+    """Validate every stage against its kind and the DAG's shape; raise ConfigError."""
+    nodes: dict[str, StageNode] = {}
+    problems: list[str] = []
+    kinds = stage_kinds()
+    for name, spec in job.stages.items():
+        loc = ("stages", name)
+        if spec.kind not in kinds:
+            problems.append(
+                doc.problem(
+                    (*loc, "kind"),
+                    f"unknown stage kind '{spec.kind}'{suggest(spec.kind, sorted(kinds))}",
+                )
+            )
+            continue
+        if spec.input is not None and spec.inputs is not None:
+            problems.append(doc.problem(loc, "give either 'input' or 'inputs', not both"))
+        cls = kinds[spec.kind]
+        options, option_problems = validate_model(doc, cls.Options, spec.options, loc)
+        problems += option_problems
+        if options is not None:
+            nodes[name] = StageNode(name, spec.kind, cls.role, spec.input_names, options)
+    problems += _check_edges(nodes, doc)
+    if not problems:
+        order = _topological_order(nodes, doc)
+        return Plan(JobContext(job.name, job.output), job, tuple(nodes[name] for name in order))
+    raise ConfigError(problems)
+
+
+def _check_edges(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
+    problems = []
+    for node in nodes.values():
+        loc = ("stages", node.name, "inputs" if len(node.inputs) > 1 else "input")
+        if node.role == "source" and node.inputs:
+            problems.append(doc.problem(loc, f"a {node.kind} source takes no input; remove it"))
+        if node.role != "source" and not node.inputs:
+            problems.append(
+                doc.problem(("stages", node.name), "missing 'input': name the stage to read from")
+            )
+        for name in node.inputs:
+            if name not in doc.data.get("stages", {}):
+                problems.append(
+                    doc.problem(loc, f"input '{name}' is not a stage{suggest(name, list(nodes))}")
+                )
+            elif name in nodes and nodes[name].role == "sink":
+                problems.append(doc.problem(loc, f"'{name}' is a sink and has no output to read"))
+    if nodes and not any(node.role == "source" for node in nodes.values()):
+        problems.append(doc.problem(("stages",), "no source stage (e.g. kind: url_list)"))
+    return problems
+
+
+def _topological_order(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
+    """Kahn's algorithm, keeping config order among ready stages; reject cycles."""
+    remaining = {name: set(node.inputs) for name, node in nodes.items()}
+    order: list[str] = []
+    while remaining:
+        ready = [name for name, inputs in remaining.items() if not inputs - set(order)]
+        if not ready:
+            cycle = " -> ".join(sorted(remaining))
+            raise ConfigError(doc.problem(("stages",), f"the stages form a cycle: {cycle}"))
+        for name in ready:
+            order.append(name)
+            del remaining[name]
+    return order

@@ -1,0 +1,194 @@
+"""What a stage is, and the data that flows between stages inside a task.
+
+Three roles:
+
+* `Source` runs on the client and yields `SourceItem`s lazily (a URL and its
+  extra fields). Items are grouped into partitions and shipped to tasks.
+* `Step` runs inside a partition's task: it turns one `Item` into another
+  (download: URL -> bytes, decode: bytes -> image, thumbnail: image -> image).
+* `Sink` is a step at the end of a branch: it writes the item and records the
+  output path in the item's result record.
+
+An `Item` carries the heavy payload (bytes, a Pillow image, an array) and a
+reference to its input line's result `record`, a small dict that is the only
+thing that travels back to the client. Stage objects are shared by the
+threads of a worker, so they keep no per-item state; a stage that needs
+per-partition state (a tar shard) returns a fresh object from `for_partition`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.config.model import Options
+from pipeline.errors import ItemError
+
+Record = dict[str, Any]
+
+
+def item_key(url: str) -> str:
+    """The stable key of an input: a short hash of its URL."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input line: small and picklable, made on the client."""
+
+    index: int
+    url: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return item_key(self.url)
+
+    def new_record(self) -> Record:
+        record: Record = {
+            "key": self.key,
+            "index": self.index,
+            "url": self.url,
+            "status": "ok",
+            "stage": None,
+            "reason": None,
+            "message": None,
+            "outputs": [],
+            "timings": {},
+        }
+        if self.fields:
+            record["fields"] = dict(self.fields)
+        return record
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The unit of work: a few dozen items from one source, run as one task."""
+
+    index: int
+    source: str
+    items: tuple[SourceItem, ...]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What stages may know about the job: its name and run directory."""
+
+    name: str
+    run_dir: str
+
+
+@dataclass
+class Item:
+    """A payload moving through a partition's stages, tied to its result record."""
+
+    record: Record
+    data: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.record["key"]
+
+    def derive(self, data: Any, **meta: Any) -> Item:
+        """A new item for the same input with a new payload (branches stay independent)."""
+        return Item(self.record, data, {**self.meta, **meta})
+
+    def fail(self, stage: str, error: ItemError) -> None:
+        """Mark the input failed at `stage`; the first failure of an input wins."""
+        if self.record["status"] != "failed":
+            self.record.update(
+                status="failed", stage=stage, reason=error.reason, message=error.message[:500]
+            )
+
+
+class Stage:
+    """Base of every stage kind. Subclasses set `kind`, `role` and `Options`."""
+
+    kind: ClassVar[str]
+    role: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    description: ClassVar[str] = ""
+
+    def __init__(self, name: str, options: Options, job: JobContext):
+        self.name = name
+        self.options = options
+        self.job = job
+
+    def connect(self, consumers: list[Stage]) -> None:
+        """Called once the DAG is built with the stages that read this one's output."""
+
+    def connect_inputs(self, inputs: list[Stage]) -> None:
+        """Called once the DAG is built with the stages this one reads from."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class Source(Stage):
+    """Yields the job's inputs on the client, lazily."""
+
+    role = "source"
+
+    def iter_items(self) -> Iterator[SourceItem]:
+        raise NotImplementedError
+
+
+class Step(Stage):
+    """Turns one item into another inside a task."""
+
+    role = "step"
+
+    def process(self, item: Item) -> Item:
+        """Return the transformed item, or raise ItemError."""
+        raise NotImplementedError
+
+    def preferred_input_size(self) -> tuple[int, int] | None:
+        """The largest image size this step needs, or None if it needs full resolution.
+
+        A decoder whose consumers all give a size decodes JPEGs at a reduced scale.
+        """
+        return None
+
+    def for_partition(self, partition: Partition) -> Step:
+        """The object that processes one partition; override for per-partition state."""
+        return self
+
+    def stream(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Process items in order, dropping failed ones (their record says why)."""
+        for item in items:
+            result = self.run_one(item)
+            if result is not None:
+                yield result
+
+    def run_one(self, item: Item) -> Item | None:
+        """`process` with timing and failure recording."""
+        started = time.perf_counter()
+        try:
+            return self.process(item)
+        except ItemError as error:
+            item.fail(self.name, error)
+        except Exception as error:  # a bug or an unexpected library error: record, go on
+            item.fail(self.name, ItemError("internal_error", f"{type(error).__name__}: {error}"))
+        finally:
+            timings = item.record["timings"]
+            timings[self.name] = round(
+                timings.get(self.name, 0.0) + time.perf_counter() - started, 6
+            )
+        return None
+
+    def finish(self) -> None:
+        """Called once at the end of the partition (flush a shard, ...)."""
+
+
+class Sink(Step):
+    """A step that writes items; it returns nothing for further stages."""
+
+    role = "sink"
+
+    def add_output(self, item: Item, path: str | Path) -> None:
+        item.record["outputs"].append(str(path))

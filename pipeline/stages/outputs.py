@@ -1,0 +1,47 @@
+"""Helpers shared by sinks: safe output names and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from pipeline.stages.base import Record
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_STEM = 40
+
+
+def safe_stem(url: str) -> str:
+    """A short, filesystem-safe stem from the last path segment of a URL (may be '')."""
+    name = PurePosixPath(unquote(urlsplit(url).path)).name
+    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return _UNSAFE.sub("_", stem).strip("_-")[:MAX_STEM].lower()
+
+
+def output_name(record: Record, extension: str, suffix: str = "") -> str:
+    """`<stem>-<key>[-suffix].<ext>`: unique per URL (the key), never a path."""
+    stem = safe_stem(record["url"])
+    parts = [part for part in (stem, record["key"], _UNSAFE.sub("_", suffix)) if part]
+    return "-".join(parts) + "." + extension
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,47 @@
+"""Stage kinds register here by name; every module in `pipeline.stages` is loaded once."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import TypeVar
+
+from pipeline.stages.base import Stage
+
+S = TypeVar("S", bound=type[Stage])
+
+STAGE_KINDS: dict[str, type[Stage]] = {}
+
+
+def register(kind: str) -> Callable[[S], S]:
+    """Class decorator: make a stage kind available to configs under `kind`."""
+
+    def add(cls: S) -> S:
+        if kind in STAGE_KINDS and STAGE_KINDS[kind] is not cls:
+            raise RuntimeError(f"stage kind {kind!r} registered twice")
+        cls.kind = kind
+        STAGE_KINDS[kind] = cls
+        return cls
+
+    return add
+
+
+def stage_kinds() -> dict[str, type[Stage]]:
+    """All registered kinds, after importing every module of this package."""
+    _load_all()
+    return STAGE_KINDS
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import pipeline.stages as package
+
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+    _loaded = True

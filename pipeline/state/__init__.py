@@ -1,0 +1,1 @@
+"""State layer: what a run leaves in its run directory (results, report)."""

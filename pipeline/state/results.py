@@ -1,0 +1,92 @@
+"""Result records and the run report, written into the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.stages.base import Record
+from pipeline.stages.outputs import atomic_write
+
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.json"
+
+
+class ResultsWriter:
+    """Appends records as JSON lines, flushed after every partition."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / RESULTS_FILE
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> ResultsWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+        return self
+
+    def write(self, records: list[Record]) -> None:
+        assert self._file is not None, "use ResultsWriter as a context manager"
+        self._file.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        self._file.flush()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+@dataclass
+class RunStats:
+    """Running totals over the records of one run."""
+
+    started: float = field(default_factory=time.time)
+    clock: float = field(default_factory=time.perf_counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    stage_seconds: Counter[str] = field(default_factory=Counter)
+
+    def add(self, records: list[Record]) -> None:
+        for record in records:
+            self.statuses[record["status"]] += 1
+            if record["reason"] and record["status"] == "failed":
+                self.reasons[record["reason"]] += 1
+            self.stage_seconds.update(record["timings"])
+
+    @property
+    def items(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.clock
+
+    def report(self, **context: Any) -> dict[str, Any]:
+        wall = self.wall_seconds
+        processed = self.items - self.statuses["skipped"]
+        return {
+            **context,
+            "started_at": _iso(self.started),
+            "finished_at": _iso(time.time()),
+            "wall_seconds": round(wall, 3),
+            "items": self.items,
+            "counts": {status: self.statuses[status] for status in ("ok", "failed", "skipped")},
+            "failures_by_reason": dict(self.reasons.most_common()),
+            "items_per_second": round(processed / wall, 2) if wall > 0 else None,
+            "stage_seconds": {name: round(s, 3) for name, s in self.stage_seconds.items()},
+        }
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
+    path = Path(run_dir) / REPORT_FILE
+    atomic_write(str(path), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))

@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and the demo: synthetic photos and a loopback HTTP server."""

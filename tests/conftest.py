@@ -1,0 +1,50 @@
+"""Shared fixtures: a real loopback HTTP server with images, and config helpers."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.testing.images import jpeg_bytes, photo, png_bytes
+from pipeline.testing.server import TestServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Serves 12 JPEGs, one PNG with alpha, a 404, a corrupt file and HTML posing as JPEG."""
+    with TestServer() as server:
+        for index in range(12):
+            size = (320 + 40 * index, 240 + 30 * index)
+            server.add_bytes(f"/img/{index}.jpg", jpeg_bytes(photo(*size, seed=index)))
+        transparent = photo(200, 150, seed=99).convert("RGBA")
+        transparent.putalpha(128)
+        server.add_bytes("/img/alpha.png", png_bytes(transparent), "image/png")
+        server.add_bytes("/img/corrupt.jpg", jpeg_bytes(photo(100, 80, seed=1))[:200] + b"x" * 50)
+        server.add_bytes("/img/page.jpg", b"<html><body>hello</body></html>", "image/jpeg")
+        yield server
+
+
+@pytest.fixture
+def url_list(tmp_path, image_server):
+    """A URL list with good images, a 404, a corrupt JPEG and HTML."""
+    paths = [f"/img/{i}.jpg" for i in range(12)]
+    paths += ["/img/alpha.png", "/missing.jpg", "/img/corrupt.jpg", "/img/page.jpg"]
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(image_server.url(p) for p in paths) + "\n")
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a YAML config (dedented) into tmp_path and return its path."""
+
+    def write(text: str, name: str = "job.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    return write
