@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from itertools import chain
 
-from pipeline.errors import ItemError
+from pipeline.errors import ItemError, PipelineError
 from pipeline.execution.backends import Backend
 from pipeline.execution.worker import run_partition
 from pipeline.plan import Plan, partitions
@@ -56,6 +56,8 @@ def _collect(in_flight: dict[Future[list[Record]], Partition], on_records: OnRec
         partition = in_flight.pop(future)
         try:
             records = future.result()
+        except PipelineError:  # fatal for the run: stop, and record nothing for this partition
+            raise
         except Exception as exc:
             records = failed_records(partition, _task_error(exc))
         on_records(records)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.config.model import Options
-from pipeline.errors import ItemError
+from pipeline.errors import ItemError, PipelineError
 
 Record = dict[str, Any]
 
@@ -172,6 +172,8 @@ class Step(Stage):
             return self.process(item)
         except ItemError as error:
             item.fail(self.name, error)
+        except PipelineError:  # the run cannot go on (e.g. the output disk is full)
+            raise
         except Exception as error:  # a bug or an unexpected library error: record, go on
             item.fail(self.name, ItemError("internal_error", f"{type(error).__name__}: {error}"))
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -10,7 +11,11 @@ import unicodedata
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.stages.base import Record
+
+# Errors that no other item could avoid either: stop the run instead of failing every item.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_STEM = 40
@@ -45,3 +50,11 @@ def atomic_write(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def output_error(exc: OSError, path: str) -> Exception:
+    """The error to raise for a failed write: fatal for the run, or for this item only."""
+    message = f"cannot write {path}: {exc.strerror or exc}"
+    if exc.errno in FATAL_ERRNOS:
+        return RunIncompleteError(message)
+    return ItemError("write_error", message)

@@ -12,7 +12,7 @@ from pydantic import Field
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Sink, Stage
-from pipeline.stages.outputs import atomic_write, output_name
+from pipeline.stages.outputs import atomic_write, output_error, output_name
 from pipeline.stages.registry import register
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -78,6 +78,6 @@ class WriteImages(Sink):
             os.makedirs(folder, exist_ok=True)
             atomic_write(path, data)
         except OSError as exc:
-            raise ItemError("write_error", f"{path}: {exc.strerror or exc}") from None
+            raise output_error(exc, path) from None
         self.add_output(item, path)
         return item

@@ -1,30 +1,16 @@
-"""`python -m pipeline`: run and validate image pipeline jobs.
-
-Every error a user can cause ends in a short message and the exit code its
-exception class carries (see `pipeline.errors`); `--verbose` adds the traceback.
-"""
+"""`run` and `validate`: the commands that execute or check a job."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.errors import EXIT_OK, ItemsFailedError, PipelineError
+from pipeline.errors import EXIT_OK, ItemsFailedError
 from pipeline.execution.runner import RunRequest, prepare, run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pipeline", description="Run image pipeline jobs described in YAML."
-    )
-    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
     run_parser = commands.add_parser("run", help="run a job")
     _add_config_arguments(run_parser)
     run_parser.add_argument(
@@ -37,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     validate_parser = commands.add_parser("validate", help="check a config and report all errors")
     _add_config_arguments(validate_parser)
     validate_parser.set_defaults(handler=command_validate)
-    return parser
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +35,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set stages.thumb.size=[128,128] (repeatable)",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
 
 
 def _request(args: argparse.Namespace) -> RunRequest:
@@ -94,17 +81,3 @@ def summary(report: dict[str, Any]) -> str:
 
 def _results(report: dict[str, Any]) -> str:
     return f"{report['run_dir']}/results.jsonl"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except PipelineError as error:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
