@@ -19,7 +19,7 @@ partition_size: 3
 output: {out}
 stages:
   urls:     {{kind: url_list, path: {urls}}}
-  download: {{kind: download, input: urls, concurrency: 4, retries: 0}}
+  download: {{kind: download, input: urls, concurrency: 4, retries: 0, allow_hosts: [127.0.0.1]}}
   decode:   {{kind: decode, input: download}}
   small:    {{kind: thumbnail, input: decode, size: [64, 64]}}
   large:    {{kind: thumbnail, input: decode, size: [160, 120]}}

@@ -12,7 +12,7 @@ name: job
 output: {out}
 stages:
   urls: {{kind: url_list, path: {urls}}}
-  download: {{kind: download, input: urls}}
+  download: {{kind: download, input: urls, allow_hosts: [127.0.0.1]}}
   decode: {{kind: decode, input: download}}
   thumb: {{kind: thumbnail, input: decode, size: [256, 256]}}
   write: {{kind: write_images, input: thumb, path: images}}

@@ -31,6 +31,12 @@ class DownloadOptions(Options):
     max_bytes: PositiveInt = Field(50_000_000, description="Largest body accepted, in bytes")
     retries: int = Field(2, ge=0, description="Extra attempts on connection errors and 5xx")
     user_agent: str = Field("pipeline-images/0.1", description="User-Agent header")
+    allow_schemes: tuple[str, ...] = Field(
+        ("http", "https"), description="URL schemes allowed; add 'file' for local paths"
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        (), description="Non-public addresses allowed anyway: 'host', 'host:port' or a CIDR"
+    )
 
 
 _pools: dict[tuple, urllib3.PoolManager] = {}
@@ -68,10 +74,12 @@ class Download(Step):
         return item.derive(data)
 
     def fetch(self, url: str) -> bytes:
-        scheme = urlsplit(url).scheme.lower()
+        scheme = urlsplit(url).scheme.lower() or "file"
+        if scheme not in self.options.allow_schemes:  # type: ignore[attr-defined]
+            raise ItemError("blocked_scheme", f"scheme {scheme!r} is not in allow_schemes")
         if scheme in ("http", "https"):
             return self._fetch_http(url)
-        if scheme in ("file", ""):
+        if scheme == "file":
             return _read_local(_local_path(url), self.options.max_bytes)
         raise ItemError("blocked_scheme", f"scheme {scheme!r} is not supported")
 
