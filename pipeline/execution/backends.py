@@ -13,13 +13,24 @@ lists the valid ones.
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import BackendConfig
 from pipeline.config.model import suggest
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RunIncompleteError
+from pipeline.plan import Plan
+from pipeline.stages.base import Partition
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+TASK_RETRIES = 1  # distributed re-runs a task that raised (not item errors: those are records)
+CONNECT_TIMEOUT = "10s"
+WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may start empty)
 
 
 def default_workers() -> int:
@@ -53,6 +64,13 @@ class Backend:
 
     def executor(self) -> Executor:
         raise NotImplementedError
+
+    def prepare(self, plan: Plan) -> None:
+        """Called inside `with backend`, before any task: check the workers can run `plan`."""
+
+    def task_options(self, partition: Partition) -> dict[str, Any]:
+        """Extra keyword arguments for `executor.submit` (e.g. a task key)."""
+        return {}
 
 
 class SyncBackend(Backend):
@@ -92,34 +110,81 @@ class ProcessesBackend(Backend):
 
 
 class DistributedBackend(Backend):
+    """A dask.distributed cluster: the scheduler at `address`, or a LocalCluster.
+
+    The address comes from `--scheduler`, else `backend.address` in the YAML, else
+    `DASK_SCHEDULER_ADDRESS`. Before any task runs, every worker gets this client's
+    code and is checked (`prepare_workers`). Tasks have named keys (`partition-N-RUN`)
+    and `retries=TASK_RETRIES` for transient errors; a partition whose worker dies
+    is recomputed elsewhere, up to `distributed.scheduler.allowed-failures` times.
+    """
+
     name = "distributed"
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
-        self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        self.client = None
+        self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        self.client: Client | None = None
+        self.threads = self.workers * (config.threads_per_worker or 1)
+        self._run = secrets.token_hex(4)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight or 2 * self.threads
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, if it serves one (it needs bokeh)."""
+        if self.client is None or "dashboard" not in self.client.scheduler_info()["services"]:
+            return None
+        return self.client.dashboard_link
 
     def describe(self) -> str:
         where = self.address or "a LocalCluster"
-        return f"distributed on {where} ({self.workers} workers)"
+        return f"distributed on {where} ({self.workers} workers, {self.threads} threads)"
 
     def executor(self) -> Executor:
+        self.client = self._connect()
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        self.workers = len(workers)
+        self.threads = sum(worker["nthreads"] for worker in workers)
+        if self.dashboard_link:
+            print(f"dask dashboard: {self.dashboard_link}", file=sys.stderr, flush=True)
+        return self.client.get_executor(pure=False, retries=TASK_RETRIES)
+
+    def _connect(self) -> Client:
+        """A client of the scheduler at `address`, or of a new LocalCluster; closed on exit."""
         from distributed import Client, LocalCluster
 
-        if self.address:
-            self.client = self._stack.enter_context(Client(self.address))
-            self.workers = max(1, len(self.client.scheduler_info()["workers"]))
-        else:
+        if not self.address:
             cluster = self._stack.enter_context(
                 LocalCluster(
                     n_workers=self.workers,
                     threads_per_worker=self.config.threads_per_worker or 1,
                     processes=True,
-                    dashboard_address=":0",
+                    dashboard_address="127.0.0.1:0",
+                    host="127.0.0.1",
                 )
             )
-            self.client = self._stack.enter_context(Client(cluster))
-        return self.client.get_executor(pure=False)
+            return self._stack.enter_context(Client(cluster))
+        try:
+            client = self._stack.enter_context(Client(self.address, timeout=CONNECT_TIMEOUT))
+            client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except (OSError, TimeoutError) as exc:
+            raise RunIncompleteError(
+                f"no usable dask cluster at {self.address}: {exc} "
+                f"(is `dask scheduler` running, with at least one `dask worker`?)"
+            ) from None
+        return client
+
+    def prepare(self, plan: Plan) -> None:
+        from pipeline.execution.code_shipping import prepare_workers
+
+        assert self.client is not None, "prepare runs inside `with backend`"
+        prepare_workers(self.client, plan.job.run_dir)
+
+    def task_options(self, partition: Partition) -> dict[str, Any]:
+        return {"key": f"partition-{partition.index:06d}-{self._run}"}
 
 
 BACKENDS: dict[str, type[Backend]] = {
