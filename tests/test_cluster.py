@@ -10,6 +10,7 @@ import importlib.util
 import os
 import signal
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.execution import backends
 from pipeline.execution.runner import RunRequest, prepare, run
 from pipeline.testing.cluster import DaskProcesses
 from pipeline.testing.images import jpeg_bytes, photo
-from pipeline.testing.server import TestServer
+from pipeline.testing.server import TestServer, send_bytes
 from tests.test_backends import JOB, outputs, records
 
 pytestmark = pytest.mark.slow
@@ -32,10 +33,14 @@ SLOW_ITEMS = 24
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A scheduler and two workers (two threads each, with nannies), stopped on any exit."""
+    """A scheduler and two workers (two threads each, with nannies), stopped on any exit.
+
+    A task whose worker dies twice is given up (KilledWorker), instead of after four deaths.
+    """
     processes = DaskProcesses(tmp_path_factory.mktemp("cluster"))
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
     try:
-        processes.start_scheduler()
+        processes.start_scheduler(env=env)
         for index in (1, 2):
             processes.add_worker(f"worker-{index}", threads=2)
         processes.wait_for_workers(2)
@@ -53,9 +58,9 @@ def job(tmp_path_factory, image_server):
     urls = base / "urls.txt"
     urls.write_text("\n".join(image_server.url(p) for p in paths) + "\n")
 
-    def write(out: Path | str, name: str) -> Path:
+    def write(out: Path | str, name: str, url_list: Path = urls) -> Path:
         config = base / f"{name}.yaml"
-        config.write_text(JOB.format(out=out, urls=urls))
+        config.write_text(JOB.format(out=out, urls=url_list))
         return config
 
     return write
@@ -125,6 +130,50 @@ def test_a_killed_worker_loses_no_item_and_duplicates_no_output(
     assert len(recorded) == 2 * SLOW_ITEMS
     for path in recorded:
         Image.open(path).load()  # complete, not half-written
+
+
+def test_a_partition_that_keeps_killing_workers_fails_as_worker_lost(
+    cluster, job, image_server, tmp_path
+):
+    """Partition 0 hangs, and whichever worker runs it is killed, as an OOM killer would."""
+
+    def hang(request) -> None:
+        time.sleep(3)
+        send_bytes(request, b"late", "text/plain", status=503)
+
+    poison = [image_server.add(f"/poison/{i}.jpg", hang) for i in (0, 1)]
+    urls = tmp_path / "urls.txt"
+    good = [image_server.url(f"/img/{i}.jpg") for i in range(12)]
+    urls.write_text("\n".join(poison + good) + "\n")  # partition 0: both poisons and 0.jpg
+    stop = threading.Event()
+    killed: list[str] = []
+    killer = threading.Thread(target=kill_workers_running_only, args=(cluster, stop, killed))
+    killer.start()
+    try:
+        out = tmp_path / "out"
+        report = run(RunRequest(config=job(out, "poison", urls), scheduler=cluster.address))
+    finally:
+        stop.set()
+        killer.join()
+    cluster.wait_for_workers(2)  # the nannies restart them, for the next tests
+    assert len(killed) >= 2
+    assert report["counts"] == {"ok": 11, "failed": 3, "skipped": 0}
+    assert report["failures_by_reason"] == {"worker_lost": 3}
+    lost = sorted(r["url"].rsplit("/", 2)[-2] for r in records(out) if r["status"] == "failed")
+    assert lost == ["img", "poison", "poison"]
+
+
+def kill_workers_running_only(cluster: DaskProcesses, stop: threading.Event, killed: list[str]):
+    """SIGKILL each worker that runs partition 0 once it is the only task left running."""
+    with Client(cluster.address) as spy:
+        while not stop.wait(0.1):
+            processing = {a: keys for a, keys in spy.processing().items() if keys}
+            keys = [str(key) for keys in processing.values() for key in keys]
+            if len(keys) == 1 and keys[0].startswith("partition-000000-"):
+                (address,) = processing
+                if address not in killed:
+                    killed.append(address)
+                    os.kill(spy.run(os.getpid, workers=[address])[address], signal.SIGKILL)
 
 
 def test_address_comes_from_cli_then_yaml_then_environment(job, tmp_path, monkeypatch):

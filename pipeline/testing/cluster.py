@@ -40,7 +40,9 @@ class DaskProcesses:
         self.address: str | None = None
         self.dashboard_port: int | None = None
 
-    def start_scheduler(self, port: int = 0, dashboard_port: int = 0) -> str:
+    def start_scheduler(
+        self, port: int = 0, dashboard_port: int = 0, env: Mapping[str, str] | None = None
+    ) -> str:
         """Start `dask scheduler` on 127.0.0.1; return its address once it listens."""
         self.folder.mkdir(parents=True, exist_ok=True)
         scheduler_file = self.folder / SCHEDULER_FILE
@@ -48,7 +50,7 @@ class DaskProcesses:
         command = [str(dask_command()), "scheduler", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--dashboard-address", f"127.0.0.1:{dashboard_port}"]
         command += ["--scheduler-file", str(scheduler_file)]
-        self._spawn("scheduler", command)
+        self._spawn("scheduler", command, env=env)
         info = self._wait_for(lambda: json.loads(scheduler_file.read_text()))
         self.address = info["address"]
         self.dashboard_port = info["services"].get("dashboard")
@@ -83,15 +85,11 @@ class DaskProcesses:
             client.wait_for_workers(count, timeout=timeout)
 
     def stop(self) -> None:
-        """End every process with a pid file here: SIGTERM, then SIGKILL after a grace."""
-        processes = [process for pid_file in self._pid_files() if (process := self._own(pid_file))]
-        family = processes + [child for p in processes for child in _children(p)]
-        for process in processes:
-            _signal(process, signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=STOP_GRACE)
-        for process in alive:
-            _signal(process, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=STOP_GRACE)
+        """End every process with a pid file here: workers first, then the scheduler."""
+        owned = {path.stem: process for path in self._pid_files() if (process := self._own(path))}
+        scheduler = owned.pop("scheduler", None)
+        _terminate(list(owned.values()))  # workers leave a live scheduler: quick and clean
+        _terminate([scheduler] if scheduler else [])
         for pid_file in self._pid_files():
             pid_file.unlink()
 
@@ -116,8 +114,7 @@ class DaskProcesses:
         return process.pid
 
     def _pid_files(self) -> list[Path]:
-        # workers first: the scheduler goes last, so workers leave it cleanly
-        return sorted(self.folder.glob("*.pid"), key=lambda path: path.stem == "scheduler")
+        return sorted(self.folder.glob("*.pid"))
 
     def _own(self, pid_file: Path) -> psutil.Process | None:
         """The process of a pid file, if it is still ours (pids get reused)."""
@@ -139,6 +136,17 @@ class DaskProcesses:
                         f"dask scheduler did not start; see {self.folder / 'scheduler.log'}"
                     ) from None
                 time.sleep(0.1)
+
+
+def _terminate(processes: list[psutil.Process]) -> None:
+    """SIGTERM, and SIGKILL what is left of them and their children after a grace."""
+    family = processes + [child for process in processes for child in _children(process)]
+    for process in processes:
+        _signal(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=STOP_GRACE)
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=STOP_GRACE)
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:
