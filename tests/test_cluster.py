@@ -24,6 +24,7 @@ from pipeline.execution.runner import RunRequest, prepare, run
 from pipeline.testing.cluster import DaskProcesses
 from pipeline.testing.images import jpeg_bytes, photo
 from pipeline.testing.server import TestServer, send_bytes
+from tests.conftest import write_url_list
 from tests.test_backends import JOB, outputs, records
 
 pytestmark = pytest.mark.slow
@@ -53,10 +54,7 @@ def cluster(tmp_path_factory):
 def job(tmp_path_factory, image_server):
     """Write the standard two-branch job for an output folder; return the config path."""
     base = tmp_path_factory.mktemp("jobs")
-    paths = [f"/img/{i}.jpg" for i in range(12)]
-    paths += ["/img/alpha.png", "/missing.jpg", "/img/corrupt.jpg", "/img/page.jpg"]
-    urls = base / "urls.txt"
-    urls.write_text("\n".join(image_server.url(p) for p in paths) + "\n")
+    urls = write_url_list(base / "urls.txt", image_server)
 
     def write(out: Path | str, name: str, url_list: Path = urls) -> Path:
         config = base / f"{name}.yaml"
@@ -107,9 +105,9 @@ def test_a_killed_worker_loses_no_item_and_duplicates_no_output(
         pids = spy.run(os.getpid)
 
         def kill_a_busy_worker(stats) -> None:
-            if killed:
-                return
             busy = [address for address, keys in spy.processing().items() if keys]
+            if killed or not busy:
+                return
             time.sleep(0.1)  # let its downloads begin, so work is really lost
             killed.append(pids[busy[0]])
             os.kill(pids[busy[0]], signal.SIGKILL)

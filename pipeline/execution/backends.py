@@ -42,6 +42,7 @@ class Backend:
     """Base: sizes the pool and defines how many partitions may be in flight."""
 
     name: ClassVar[str]
+    dashboard_link: str | None = None  # a page showing the run live, where there is one
 
     def __init__(self, config: BackendConfig):
         self.config = config
@@ -132,23 +133,16 @@ class DistributedBackend(Backend):
     def max_in_flight(self) -> int:
         return self.config.max_in_flight or 2 * self.threads
 
-    @property
-    def dashboard_link(self) -> str | None:
-        """The scheduler's dashboard, if it serves one (it needs bokeh)."""
-        if self.client is None or "dashboard" not in self.client.scheduler_info()["services"]:
-            return None
-        return self.client.dashboard_link
-
     def describe(self) -> str:
         where = self.address or "a LocalCluster"
         return f"distributed on {where} ({self.workers} workers, {self.threads} threads)"
 
     def executor(self) -> Executor:
         self.client = self._connect()
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-        self.workers = len(workers)
-        self.threads = sum(worker["nthreads"] for worker in workers)
-        if self.dashboard_link:
+        threads = self.client.nthreads()
+        self.workers, self.threads = len(threads), sum(threads.values())
+        if "dashboard" in self.client.scheduler_info()["services"]:  # served if bokeh is there
+            self.dashboard_link = self.client.dashboard_link
             print(f"dask dashboard: {self.dashboard_link}", file=sys.stderr, flush=True)
         return self.client.get_executor(pure=False, retries=TASK_RETRIES)
 
