@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Sequence
 
 from pipeline import __version__
-from pipeline.cli import run
+from pipeline.cli import run, state
 from pipeline.errors import PipelineError
 
-COMMAND_MODULES = [run]
+COMMAND_MODULES = [run, state]
 
 
 def build_parser() -> argparse.ArgumentParser:

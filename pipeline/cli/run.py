@@ -18,6 +18,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     run_parser.add_argument("--workers", "-w", type=int, help="worker threads or processes")
     run_parser.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
+    run_parser.add_argument(
+        "--retry-failed", action="store_true", help="retry every failed item, not only retryable"
+    )
+    run_parser.add_argument(
+        "--full", action="store_true", help="ignore the manifest: redo every item"
+    )
     run_parser.set_defaults(handler=command_run)
 
     validate_parser = commands.add_parser("validate", help="check a config and report all errors")
@@ -47,6 +53,8 @@ def _request(args: argparse.Namespace) -> RunRequest:
         backend=getattr(args, "backend", None),
         workers=getattr(args, "workers", None),
         scheduler=getattr(args, "scheduler", None),
+        retry_failed=getattr(args, "retry_failed", False),
+        full=getattr(args, "full", False),
     )
 
 
@@ -75,6 +83,10 @@ def summary(report: dict[str, Any]) -> str:
     ]
     for reason, count in report["failures_by_reason"].items():
         lines.append(f"  failed: {reason} x{count}")
+    for reason, count in report["skipped_by_reason"].items():
+        lines.append(f"  skipped: {reason} x{count}")
+    if report.get("failures_tolerated"):
+        lines.append("  failures are within max_failed / max_failed_fraction: exit 0")
     lines.append(f"  results: {_results(report)}, report: {report['run_dir']}/report.json")
     return "\n".join(lines)
 

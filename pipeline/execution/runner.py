@@ -1,19 +1,34 @@
-"""Run a job end to end: config -> plan -> backend -> engine -> run directory."""
+"""Run a job end to end: config -> plan -> lock -> manifest -> backend -> run directory.
+
+A run holds the run directory's lock throughout, asks the manifest what is left
+to do, runs only that, and records each finished partition in the manifest
+after its outputs were written. Whatever happens, it appends its report to the
+history; the exit code it carries follows `pipeline.errors`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
 from pipeline.execution.backends import Backend, backend_class
-from pipeline.execution.engine import execute, plan_partitions
+from pipeline.execution.engine import OnRecords, execute, plan_partitions
+from pipeline.execution.worker import sinks_below
 from pipeline.plan import Plan, build_plan
-from pipeline.stages.base import Record
-from pipeline.state.results import ResultsWriter, RunStats, write_report
+from pipeline.stages.base import Partition, Record
+from pipeline.state.history import append_history, new_run_id
+from pipeline.state.incremental import Incremental, Policy
+from pipeline.state.lineage import sink_fingerprints
+from pipeline.state.lock import RunLock
+from pipeline.state.manifest import Manifest
+from pipeline.state.results import ResultsWriter, RunStats, items_exit_code, write_report
+from pipeline.state.rundir import MANIFEST_FILE, remove_stale_temp_files, sink_folders
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,8 @@ class RunRequest:
     backend: str | None = None
     workers: int | None = None
     scheduler: str | None = None
+    retry_failed: bool = False
+    full: bool = False
 
     def all_overrides(self) -> list[str]:
         """`--set` overrides, with the dedicated flags turned into the same form."""
@@ -37,6 +54,10 @@ class RunRequest:
         if self.scheduler and not self.backend:
             extra.append("backend.kind=distributed")
         return [*self.overrides, *extra]
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(retry_failed=self.retry_failed, full=self.full)
 
 
 def prepare(request: RunRequest) -> tuple[Plan, Backend]:
@@ -53,25 +74,83 @@ def prepare(request: RunRequest) -> tuple[Plan, Backend]:
 def run(
     request: RunRequest, on_progress: Callable[[RunStats], None] | None = None
 ) -> dict[str, Any]:
-    """Run the job; return its report (also written to the run directory)."""
+    """Run the job; return its report (also written to the run directory and its history).
+
+    Raises LockHeldError (touching nothing) if another run holds the lock, and
+    RunIncompleteError if the run could not complete.
+    """
     plan, backend = prepare(request)
     run_dir = Path(plan.config.output)
+    with RunLock(run_dir), Manifest(run_dir / MANIFEST_FILE) as manifest:
+        return _run_locked(plan, backend, manifest, request.policy, on_progress)
+
+
+def _run_locked(
+    plan: Plan,
+    backend: Backend,
+    manifest: Manifest,
+    policy: Policy,
+    on_progress: Callable[[RunStats], None] | None,
+) -> dict[str, Any]:
+    run_dir = Path(plan.config.output)
+    run_id = new_run_id()
     stats = RunStats()
-    with ResultsWriter(run_dir) as results:
+    context = {
+        "job": plan.config.name,
+        "run_id": run_id,
+        "config_hash": plan.fingerprint,
+        "backend": backend.describe(),
+        "run_dir": str(run_dir),
+        "mode": "full" if policy.full else "retry-failed" if policy.retry_failed else "incremental",
+    }
+    append_history(run_dir, {**context, "event": "start", "pid": os.getpid()})
+    remove_stale_temp_files(sink_folders(plan))
+    try:
+        with ResultsWriter(run_dir) as results:
 
-        def on_records(records: list[Record]) -> None:
-            results.write(records)
-            stats.add(records)
-            if on_progress:
-                on_progress(stats)
+            def add(records: list[Record]) -> None:
+                results.write(records)
+                stats.add(records)
+                if on_progress:
+                    on_progress(stats)
 
-        execute(plan, backend, plan_partitions(plan), on_records)
-    report = stats.report(
-        job=plan.config.name,
-        config_hash=plan.fingerprint,
-        backend=backend.describe(),
-        run_dir=str(run_dir),
-    )
-    report["exit_code"] = 0 if stats.statuses["failed"] == 0 else 1
+            incremental = Incremental(
+                manifest,
+                sink_fingerprints(plan),
+                {source: sinks_below(plan)[source] for source in plan.sources},
+                policy,
+                plan.config.partition_size,
+                on_skipped=add,
+            )
+
+            def on_records(records: list[Record]) -> None:
+                add(records)
+                incremental.commit(records, run_id)
+
+            _execute_pending(plan, backend, incremental.pending(plan_partitions(plan)), on_records)
+    except PipelineError as error:
+        _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
+        raise
+    except Exception as exc:  # the backend broke: the run could not complete
+        error = RunIncompleteError(f"the run stopped: {type(exc).__name__}: {exc}")
+        _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
+        raise error from exc
+    config = plan.config
+    code, tolerated = items_exit_code(stats.statuses, config.max_failed, config.max_failed_fraction)
+    return _finish(run_dir, stats.report(**context), code, failures_tolerated=tolerated)
+
+
+def _execute_pending(
+    plan: Plan, backend: Backend, pending: Iterator[Partition], on_records: OnRecords
+) -> None:
+    """Start the backend only if there is work: an unchanged batch never starts one."""
+    first = next(pending, None)
+    if first is not None:
+        execute(plan, backend, chain([first], pending), on_records)
+
+
+def _finish(run_dir: Path, report: dict[str, Any], exit_code: int, **extra: Any) -> dict[str, Any]:
+    report = {**report, **extra, "exit_code": exit_code}
     write_report(run_dir, report)
+    append_history(run_dir, {**report, "event": "end"})
     return report

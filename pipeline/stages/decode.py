@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +46,10 @@ class Decode(Step):
         if self.options.draft and sizes and all(sizes):  # type: ignore[attr-defined]
             side = max(max(size) for size in sizes if size)
             self.draft_size = (side, side)  # square: still big enough after an EXIF rotation
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """The draft scale comes from the consumers and changes the pixels: it counts."""
+        return {**super().fingerprint_data(), "draft_size": self.draft_size}
 
     def process(self, item: Item) -> Item:
         options: DecodeOptions = self.options  # type: ignore[assignment]

@@ -64,6 +64,7 @@ class Download(Step):
 
     Options = DownloadOptions
     description = "Fetch each URL (http, https, file) into bytes"
+    tuning_options = frozenset({"concurrency", "timeout", "connect_timeout", "retries"})
 
     def process(self, item: Item) -> Item:
         url = item.record["url"]
