@@ -1,0 +1,88 @@
+"""Crash safety: `kill -9` mid-batch, re-run, and the result equals a clean run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.execution.runner import RunRequest, run
+from pipeline.testing.images import jpeg_bytes, photo
+from pipeline.testing.server import TestServer
+from tests.conftest import REPO
+from tests.test_backends import JOB, outputs, records
+
+ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def slow_urls(tmp_path_factory):
+    """A URL list served with 0.3 s latency per request: a run takes seconds."""
+    with TestServer(latency=0.3) as server:
+        urls = [
+            server.add_bytes(f"/slow/{i}.jpg", jpeg_bytes(photo(120, 90, seed=i)))
+            for i in range(ITEMS)
+        ]
+        path = tmp_path_factory.mktemp("slow") / "urls.txt"
+        path.write_text("\n".join(urls) + "\n")
+        yield path
+
+
+def start_run(config: Path, *args: str) -> subprocess.Popen:
+    """`python -m pipeline run CONFIG` in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def manifest_items(run_dir: Path) -> int:
+    """Items recorded in the manifest so far (0 before it exists)."""
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'manifest.sqlite'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM items").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_batch_then_rerun_equals_clean_run(write_config, slow_urls, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(JOB.format(out=out, urls=slow_urls))
+    process = start_run(config)
+    wait_for(lambda: manifest_items(out) >= 3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    done_before = manifest_items(out)
+    assert 3 <= done_before < ITEMS, "the kill must land mid-batch"
+
+    report = run(RunRequest(config=config))  # the dead run's lock does not block this one
+
+    assert report["counts"] == {"ok": ITEMS - done_before, "failed": 0, "skipped": done_before}
+    assert report["skipped_by_reason"] == {"unchanged": done_before}
+    keys = [r["key"] for r in records(out)]
+    assert len(keys) == len(set(keys)) == ITEMS
+    assert manifest_items(out) == ITEMS
+    clean = tmp_path / "clean"
+    run(RunRequest(config=write_config(JOB.format(out=clean, urls=slow_urls), "clean.yaml")))
+    assert outputs(out) == outputs(clean)
+    assert len(outputs(out)) == 2 * ITEMS
+    empty = [name for name, data in outputs(out).items() if not data]
+    assert not [*out.rglob(".tmp-*"), *empty]

@@ -1,0 +1,196 @@
+"""Incremental runs: a re-run does only new, failed-retryable or changed work."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.execution.runner import RunRequest, run
+from pipeline.plan import build_plan
+from pipeline.state.lineage import sink_fingerprints
+from pipeline.testing.images import photo, png_bytes
+from tests.test_backends import JOB, outputs, records
+
+SINK_FOLDERS = ("small", "large")
+
+
+def file_states(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of every output: a rewrite (atomic rename) changes both."""
+    return {
+        str(path.relative_to(run_dir)): (path.stat().st_ino, path.stat().st_mtime_ns)
+        for folder in SINK_FOLDERS
+        for path in (run_dir / folder).iterdir()
+    }
+
+
+def job(write_config, url_list, out: Path, name: str = "job.yaml", **extra: object) -> Path:
+    text = JOB.format(out=out, urls=url_list)
+    text += "".join(f"{key}: {json.dumps(value)}\n" for key, value in extra.items())
+    return write_config(text, name)
+
+
+def test_rerun_skips_everything_and_writes_nothing(write_config, url_list, tmp_path):
+    out = tmp_path / "out"
+    config = job(write_config, url_list, out)
+    first = run(RunRequest(config=config))
+    assert first["counts"] == {"ok": 13, "failed": 3, "skipped": 0}
+    before = file_states(out)
+
+    second = run(RunRequest(config=config))
+
+    assert second["counts"] == {"ok": 0, "failed": 0, "skipped": 16}
+    # 404, HTML and corrupt JPEG fail the same way again: not retried without --retry-failed.
+    assert second["skipped_by_reason"]["unchanged"] == 13
+    assert second["exit_code"] == 0
+    assert file_states(out) == before
+    by_url = {r["url"].rsplit("/", 1)[-1]: r for r in records(out)}
+    assert len(by_url) == 16
+    assert by_url["3.jpg"]["status"] == "skipped"
+    assert len(by_url["3.jpg"]["outputs"]) == 2  # what earlier runs wrote for it
+    assert by_url["missing.jpg"]["reason"] == "http_4xx"
+
+
+def test_changed_thumbnail_size_redoes_only_its_branch(write_config, url_list, tmp_path):
+    out = tmp_path / "out"
+    run(RunRequest(config=job(write_config, url_list, out)))
+    before = file_states(out)
+    change = ["stages.small.size=[48,48]"]
+
+    report = run(RunRequest(config=job(write_config, url_list, out), overrides=change))
+
+    after = file_states(out)
+    assert report["counts"]["ok"] == 13
+    for name, state in after.items():
+        if name.startswith("large/"):
+            assert state == before[name], f"{name} was rewritten"
+        else:
+            assert state[0] != before[name][0], f"{name} was not redone"
+    assert all(set(r.get("sink_outputs", {})) <= {"write_small"} for r in records(out))
+    clean = tmp_path / "clean"
+    run(RunRequest(config=job(write_config, url_list, clean, "clean.yaml"), overrides=change))
+    assert outputs(out) == outputs(clean)
+
+
+def test_fingerprints_follow_what_changes_outputs(write_config, url_list, tmp_path):
+    def fingerprints(*overrides: str) -> dict[str, str]:
+        job_config, doc = load_config(job(write_config, url_list, tmp_path), overrides)
+        return sink_fingerprints(build_plan(job_config, doc))
+
+    base = fingerprints()
+    assert fingerprints("stages.download.concurrency=1") == base  # speed, not outputs
+    small = fingerprints("stages.small.size=[48,48]")
+    assert small["write_small"] != base["write_small"]
+    assert small["write_large"] == base["write_large"]
+    # The large box sets the decoder's draft scale, which changes both branches' pixels.
+    large = fingerprints("stages.large.size=[64,48]")
+    assert large["write_small"] != base["write_small"]
+    assert large["write_large"] != base["write_large"]
+
+
+def test_duplicates_deleted_outputs_and_full(write_config, url_list, tmp_path, image_server):
+    urls = url_list.read_text().splitlines()
+    url_list.write_text("\n".join([*urls, urls[0]]) + "\n")
+    out = tmp_path / "out"
+    config = job(write_config, url_list, out)
+    first = run(RunRequest(config=config))
+    duplicate = next(r for r in records(out) if r["index"] == 17)
+    assert duplicate["status"] == "skipped"
+    assert (duplicate["reason"], duplicate["message"]) == ("duplicate", "same URL as line 1")
+    assert first["counts"] == {"ok": 13, "failed": 3, "skipped": 1}
+
+    gone = next((out / "large").iterdir())
+    gone.unlink()
+    second = run(RunRequest(config=config))
+    assert second["counts"]["ok"] == 1 and gone.exists()
+
+    full = run(RunRequest(config=config, full=True))
+    assert full["counts"] == {"ok": 13, "failed": 3, "skipped": 1}
+
+
+def test_retryable_failures_are_retried(write_config, tmp_path, image_server):
+    flaky_hits = {"count": 0}
+    good = image_server.routes["/img/0.jpg"]
+
+    def flaky(request):
+        flaky_hits["count"] += 1
+        if flaky_hits["count"] == 1:
+            request.send_error(503)
+        else:
+            good(request)
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text(
+        f"{image_server.add('/flaky.jpg', flaky)}\n{image_server.url('/gone.jpg')}\n"
+        f"{image_server.url('/img/1.jpg')}\n"
+    )
+    out = tmp_path / "out"
+    config = write_config(JOB.format(out=out, urls=urls))
+
+    first = run(RunRequest(config=config))
+    assert first["failures_by_reason"] == {"http_5xx": 1, "http_4xx": 1}
+    assert first["exit_code"] == 1
+
+    gone_hits = image_server.hits.get("/gone.jpg", 0)
+    second = run(RunRequest(config=config))
+    assert second["counts"] == {"ok": 1, "failed": 0, "skipped": 2}
+    assert image_server.hits.get("/gone.jpg", 0) == gone_hits  # a 404 is not retried
+
+    third = run(RunRequest(config=config, retry_failed=True))
+    assert third["counts"] == {"ok": 0, "failed": 1, "skipped": 2}
+    assert image_server.hits["/gone.jpg"] == gone_hits + 1
+
+
+def test_failure_thresholds(write_config, url_list, tmp_path):
+    tolerant = job(write_config, url_list, tmp_path / "a", "a.yaml", max_failed=3)
+    report = run(RunRequest(config=tolerant))
+    assert (report["exit_code"], report["failures_tolerated"]) == (0, True)
+    strict = job(write_config, url_list, tmp_path / "b", "b.yaml", max_failed_fraction=0.1)
+    report = run(RunRequest(config=strict))  # 3 of 16 failed: above 10%
+    assert (report["exit_code"], report["failures_tolerated"]) == (1, False)
+
+
+def test_stale_temp_files_are_removed(write_config, url_list, tmp_path):
+    out = tmp_path / "out"
+    config = job(write_config, url_list, out)
+    run(RunRequest(config=config))
+    stale = out / "small" / ".tmp-killed.part"
+    stale.write_bytes(b"half an image")
+    os.utime(stale)
+    run(RunRequest(config=config))
+    assert not stale.exists()
+
+
+TINY_JOB = """
+name: tiny
+backend: {{kind: threads, workers: 2}}
+partition_size: 500
+output: {out}
+stages:
+  urls:     {{kind: url_list, path: {urls}}}
+  download: {{kind: download, input: urls, concurrency: 16, allow_hosts: [127.0.0.1]}}
+  decode:   {{kind: decode, input: download}}
+  write:    {{kind: write_images, input: decode, path: images, format: png}}
+"""
+
+
+@pytest.mark.slow
+def test_rerun_of_10000_done_items(write_config, tmp_path, image_server):
+    """Prints how long an unchanged re-run of 10,000 done items takes (no timing assert)."""
+    image_server.add_bytes("/tiny.png", png_bytes(photo(8, 8, seed=7)), "image/png")
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{image_server.url('/tiny.png')}?n={n}\n" for n in range(10_000)))
+    config = write_config(TINY_JOB.format(out=tmp_path / "out", urls=urls))
+    first = run(RunRequest(config=config))
+    assert first["counts"]["ok"] == 10_000
+
+    started = time.perf_counter()
+    second = run(RunRequest(config=config))
+    seconds = time.perf_counter() - started
+
+    assert second["counts"] == {"ok": 0, "failed": 0, "skipped": 10_000}
+    print(f"\nfirst run {first['wall_seconds']:.1f}s; re-run of 10,000 done items: {seconds:.2f}s")
