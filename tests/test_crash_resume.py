@@ -86,3 +86,37 @@ def test_kill_9_mid_batch_then_rerun_equals_clean_run(write_config, slow_urls, t
     assert len(outputs(out)) == 2 * ITEMS
     empty = [name for name, data in outputs(out).items() if not data]
     assert not [*out.rglob(".tmp-*"), *empty]
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The process pool's worker processes started by `pid` (spawned, not the tracker)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"spawn_main" in command:
+            workers.append(int(stat.parent.name))
+    return workers
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(JOB.format(out=out, urls=slow_urls).replace("threads", "processes"))
+    process = start_run(config)
+    wait_for(lambda: manifest_items(out) >= 3 and pool_workers(process.pid))
+    os.kill(pool_workers(process.pid)[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (1, 4), stderr  # worker_lost items, or the pool broke: exit 4
+    assert manifest_items(out) < ITEMS
+
+    report = run(RunRequest(config=config, backend="threads"))
+
+    assert report["counts"]["failed"] == 0
+    assert manifest_items(out) == ITEMS
+    clean = tmp_path / "clean"
+    run(RunRequest(config=write_config(JOB.format(out=clean, urls=slow_urls), "clean.yaml")))
+    assert outputs(out) == outputs(clean)

@@ -14,6 +14,7 @@ from pipeline.execution.runner import RunRequest, run
 from pipeline.plan import build_plan
 from pipeline.state.lineage import sink_fingerprints
 from pipeline.testing.images import photo, png_bytes
+from tests.conftest import REPO
 from tests.test_backends import JOB, outputs, records
 
 SINK_FOLDERS = ("small", "large")
@@ -194,3 +195,12 @@ def test_rerun_of_10000_done_items(write_config, tmp_path, image_server):
 
     assert second["counts"] == {"ok": 0, "failed": 0, "skipped": 10_000}
     print(f"\nfirst run {first['wall_seconds']:.1f}s; re-run of 10,000 done items: {seconds:.2f}s")
+
+
+def test_nightly_config_runs_incrementally(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("NIGHTLY_OUTPUT", str(tmp_path / "nightly"))
+    config = REPO / "configs" / "nightly.yaml"
+    assert run(RunRequest(config=config))["counts"]["ok"] == 24
+    again = run(RunRequest(config=config))
+    assert (again["counts"]["skipped"], again["exit_code"]) == (24, 0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,18 +46,21 @@ def test_a_held_lock_exits_3_and_touches_nothing(write_config, url_list, tmp_pat
 def test_second_concurrent_run_exits_3_at_once(write_config, slow_urls, tmp_path):
     out = tmp_path / "out"
     config = write_config(JOB.format(out=out, urls=slow_urls))
-    first = start_run(config)
-    wait_for(lambda: (out / "history.jsonl").exists())
-    started = time.monotonic()
-    second = start_run(config)
-    _, stderr = second.communicate(timeout=60)
-    assert second.returncode == 3, stderr
-    assert time.monotonic() - started < 30
-    assert "another run of this job holds" in stderr
-    first.communicate(timeout=120)
-    assert first.returncode == 0
+    first = start_run(config, "--workers", "1", "--set", "partition_size=1")  # 12 s or more
+    try:
+        wait_for(lambda: (out / "history.jsonl").exists())
+        started = time.monotonic()
+        second = start_run(config)
+        _, stderr = second.communicate(timeout=60)
+        assert second.returncode == 3, stderr
+        assert time.monotonic() - started < 30
+        assert "another run of this job holds" in stderr
+        assert first.poll() is None, "the first run must still be running"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert [entry["event"] for entry in history] == ["start", "end"]  # the second left no trace
+    assert [entry["event"] for entry in history] == ["start"]  # the second left no trace
 
 
 def test_output_under_a_file_exits_4_and_marks_nothing_done(write_config, url_list, tmp_path):

@@ -27,7 +27,13 @@ from pipeline.state.incremental import Incremental, Policy
 from pipeline.state.lineage import sink_fingerprints
 from pipeline.state.lock import RunLock
 from pipeline.state.manifest import Manifest
-from pipeline.state.results import ResultsWriter, RunStats, items_exit_code, write_report
+from pipeline.state.results import (
+    ResultsWriter,
+    RunStats,
+    iso_time,
+    items_exit_code,
+    write_report,
+)
 from pipeline.state.rundir import MANIFEST_FILE, remove_stale_temp_files, sink_folders
 
 
@@ -103,7 +109,8 @@ def _run_locked(
         "run_dir": str(run_dir),
         "mode": "full" if policy.full else "retry-failed" if policy.retry_failed else "incremental",
     }
-    append_history(run_dir, {**context, "event": "start", "pid": os.getpid()})
+    start = {"event": "start", "started_at": iso_time(stats.started), "pid": os.getpid()}
+    append_history(run_dir, {**context, **start})
     remove_stale_temp_files(sink_folders(plan))
     try:
         with ResultsWriter(run_dir) as results:

@@ -74,8 +74,8 @@ class RunStats:
         processed = self.items - self.statuses["skipped"]
         return {
             **context,
-            "started_at": _iso(self.started),
-            "finished_at": _iso(time.time()),
+            "started_at": iso_time(self.started),
+            "finished_at": iso_time(time.time()),
             "wall_seconds": round(wall, 3),
             "items": self.items,
             "counts": {status: self.statuses[status] for status in ("ok", "failed", "skipped")},
@@ -112,5 +112,5 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def _iso(timestamp: float) -> str:
+def iso_time(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
