@@ -54,7 +54,7 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
                 run["run_id"],
                 run.get("started_at", ""),
                 _text(run.get("wall_seconds")),
-                _text(run.get("exit_code", "-")) if "exit_code" in run else "killed?",
+                _text(run["exit_code"]) if "exit_code" in run else "killed?",
                 _text(counts.get("ok")),
                 _text(counts.get("failed")),
                 _text(counts.get("skipped")),

@@ -63,7 +63,9 @@ def plan_item(entry: Entry | None, fingerprints: dict[str, str], policy: Policy)
         and not policy.retry_failed
         and entry.attempt == attempt.fingerprint
     ):
-        return Skip(str(entry.reason), f"failed in run {entry.run_id}; not retried", [])
+        return Skip(
+            str(entry.reason), f"failed in run {entry.run_id}; --retry-failed retries it", []
+        )
     return attempt
 
 

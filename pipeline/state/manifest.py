@@ -84,6 +84,7 @@ class Manifest:
             self.db = sqlite3.connect(self.path, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA temp_store=FILE")  # the keys seen in a run stay on disk
             self.db.executescript(SCHEMA)
             self.db.execute("CREATE TEMP TABLE seen (key TEXT PRIMARY KEY, line INTEGER)")
 
