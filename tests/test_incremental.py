@@ -204,3 +204,5 @@ def test_nightly_config_runs_incrementally(tmp_path, monkeypatch):
     assert run(RunRequest(config=config))["counts"]["ok"] == 24
     again = run(RunRequest(config=config))
     assert (again["counts"]["skipped"], again["exit_code"]) == (24, 0)
+    log = (tmp_path / "nightly" / "pipeline.log").read_text()
+    assert "ended with exit 0: ok 0, failed 0, skipped 24" in log

@@ -69,6 +69,7 @@ class JobConfig(Options):
     backend: BackendConfig = BackendConfig()
     partition_size: PositiveInt = Field(64, description="Items per Dask task")
     stages: dict[str, StageConfig] = Field(description="Named stages; input/inputs make the edges")
+    log_file: bool = Field(False, description="Also append log lines to RUN_DIR/pipeline.log")
     max_failed: NonNegativeInt | None = Field(
         None, description="Exit 0 if at most this many items failed in a run; default: none"
     )

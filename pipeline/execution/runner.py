@@ -8,6 +8,7 @@ history; the exit code it carries follows `pipeline.errors`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ from pipeline.state.results import (
     items_exit_code,
     write_report,
 )
-from pipeline.state.rundir import MANIFEST_FILE, remove_stale_temp_files, sink_folders
+from pipeline.state.rundir import MANIFEST_FILE, log_file, remove_stale_temp_files, sink_folders
+
+log = logging.getLogger("pipeline.run")
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,11 @@ def run(
     """
     plan, backend = prepare(request)
     run_dir = Path(plan.config.output)
-    with RunLock(run_dir), Manifest(run_dir / MANIFEST_FILE) as manifest:
+    with (
+        RunLock(run_dir),
+        log_file(run_dir, plan.config.log_file),
+        Manifest(run_dir / MANIFEST_FILE) as manifest,
+    ):
         return _run_locked(plan, backend, manifest, request.policy, on_progress)
 
 
@@ -111,6 +118,9 @@ def _run_locked(
     }
     start = {"event": "start", "started_at": iso_time(stats.started), "pid": os.getpid()}
     append_history(run_dir, {**context, **start})
+    log.info(
+        "run %s of %s started (%s, %s)", run_id, context["job"], context["mode"], context["backend"]
+    )
     remove_stale_temp_files(sink_folders(plan))
     try:
         with ResultsWriter(run_dir) as results:
@@ -160,4 +170,16 @@ def _finish(run_dir: Path, report: dict[str, Any], exit_code: int, **extra: Any)
     report = {**report, **extra, "exit_code": exit_code}
     write_report(run_dir, report)
     append_history(run_dir, {**report, "event": "end"})
+    counts = report["counts"]
+    log.log(
+        logging.ERROR if "error" in report else logging.INFO,
+        "run %s ended with exit %d: ok %d, failed %d, skipped %d in %.1fs%s",
+        report["run_id"],
+        exit_code,
+        counts["ok"],
+        counts["failed"],
+        counts["skipped"],
+        report["wall_seconds"],
+        f": {report['error']}" if "error" in report else "",
+    )
     return report

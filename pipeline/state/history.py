@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ COLUMNS = ("run", "started", "wall s", "exit", "ok", "failed", "skipped", "items
 
 
 def new_run_id() -> str:
-    """Sortable and unique enough for one run directory: start time and pid."""
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    """Sortable by start time, and unique: runs may start in the same second."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def append_history(run_dir: str | Path, entry: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.plan import Plan
@@ -13,6 +14,7 @@ MANIFEST_FILE = "manifest.sqlite"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 LOG_FILE = "pipeline.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 log = logging.getLogger("pipeline.state")
 
@@ -40,13 +42,26 @@ def remove_stale_temp_files(folders: list[Path]) -> int:
     return removed
 
 
-def attach_log_file(run_dir: str | Path, level: int = logging.INFO) -> logging.Handler:
-    """Also write the `pipeline` loggers' lines to `RUN_DIR/pipeline.log` (appending)."""
-    os.makedirs(run_dir, exist_ok=True)
+@contextmanager
+def log_file(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+    """While inside, also append the `pipeline` loggers' lines to `RUN_DIR/pipeline.log`.
+
+    INFO and above go to the file; what reaches stderr is the CLI's business.
+    """
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("pipeline")
     handler = logging.FileHandler(Path(run_dir) / LOG_FILE, encoding="utf-8")
-    handler.setLevel(level)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
-    )
-    logging.getLogger("pipeline").addHandler(handler)
-    return handler
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S%z"))
+    level = logger.level
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
