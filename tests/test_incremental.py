@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.execution.runner import RunRequest, run
 from pipeline.plan import build_plan
@@ -206,3 +207,30 @@ def test_nightly_config_runs_incrementally(tmp_path, monkeypatch):
     assert (again["counts"]["skipped"], again["exit_code"]) == (24, 0)
     log = (tmp_path / "nightly" / "pipeline.log").read_text()
     assert "ended with exit 0: ok 0, failed 0, skipped 24" in log
+
+
+def test_runs_and_status_commands(write_config, url_list, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = job(write_config, url_list, out)
+    assert main(["run", str(config)]) == 1  # 3 items fail
+    assert main(["run", str(config)]) == 0  # nothing left to retry
+    capsys.readouterr()
+
+    assert main(["runs", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["run", "started", "wall", "s"]
+    assert [line.split()[3:7] for line in table[1:]] == [
+        ["1", "13", "3", "0"],
+        ["0", "0", "0", "16"],
+    ]
+
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "16 items" in status
+    assert [line.split() for line in status.splitlines() if "http_4xx" in line] == [
+        ["failed", "http_4xx", "1"]
+    ]
+    assert "done for sink write_small: 13" in status
+
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert "no manifest" in capsys.readouterr().err

@@ -106,45 +106,11 @@ def _run_locked(
     on_progress: Callable[[RunStats], None] | None,
 ) -> dict[str, Any]:
     run_dir = Path(plan.config.output)
-    run_id = new_run_id()
     stats = RunStats()
-    context = {
-        "job": plan.config.name,
-        "run_id": run_id,
-        "config_hash": plan.fingerprint,
-        "backend": backend.describe(),
-        "run_dir": str(run_dir),
-        "mode": "full" if policy.full else "retry-failed" if policy.retry_failed else "incremental",
-    }
-    start = {"event": "start", "started_at": iso_time(stats.started), "pid": os.getpid()}
-    append_history(run_dir, {**context, **start})
-    log.info(
-        "run %s of %s started (%s, %s)", run_id, context["job"], context["mode"], context["backend"]
-    )
+    context = _started(plan, backend, policy, stats)
     remove_stale_temp_files(sink_folders(plan))
     try:
-        with ResultsWriter(run_dir) as results:
-
-            def add(records: list[Record]) -> None:
-                results.write(records)
-                stats.add(records)
-                if on_progress:
-                    on_progress(stats)
-
-            incremental = Incremental(
-                manifest,
-                sink_fingerprints(plan),
-                {source: sinks_below(plan)[source] for source in plan.sources},
-                policy,
-                plan.config.partition_size,
-                on_skipped=add,
-            )
-
-            def on_records(records: list[Record]) -> None:
-                add(records)
-                incremental.commit(records, run_id)
-
-            _execute_pending(plan, backend, incremental.pending(plan_partitions(plan)), on_records)
+        _process(plan, backend, manifest, policy, context["run_id"], stats, on_progress)
     except PipelineError as error:
         _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
         raise
@@ -155,6 +121,56 @@ def _run_locked(
     config = plan.config
     code, tolerated = items_exit_code(stats.statuses, config.max_failed, config.max_failed_fraction)
     return _finish(run_dir, stats.report(**context), code, failures_tolerated=tolerated)
+
+
+def _started(plan: Plan, backend: Backend, policy: Policy, stats: RunStats) -> dict[str, Any]:
+    """A new run's context for its reports; its start goes into the history and the log."""
+    context = {
+        "job": plan.config.name,
+        "run_id": new_run_id(),
+        "config_hash": plan.fingerprint,
+        "backend": backend.describe(),
+        "run_dir": plan.config.output,
+        "mode": "full" if policy.full else "retry-failed" if policy.retry_failed else "incremental",
+    }
+    start = {"event": "start", "started_at": iso_time(stats.started), "pid": os.getpid()}
+    append_history(plan.config.output, {**context, **start})
+    log.info("run %(run_id)s of %(job)s started (%(mode)s, %(backend)s)", context)
+    return context
+
+
+def _process(
+    plan: Plan,
+    backend: Backend,
+    manifest: Manifest,
+    policy: Policy,
+    run_id: str,
+    stats: RunStats,
+    on_progress: Callable[[RunStats], None] | None,
+) -> None:
+    """Skip what is done, run the rest; record every item, commit finished partitions."""
+    with ResultsWriter(plan.config.output) as results:
+
+        def add(records: list[Record]) -> None:
+            results.write(records)
+            stats.add(records)
+            if on_progress:
+                on_progress(stats)
+
+        incremental = Incremental(
+            manifest,
+            sink_fingerprints(plan),
+            {source: sinks_below(plan)[source] for source in plan.sources},
+            policy,
+            plan.config.partition_size,
+            on_skipped=add,
+        )
+
+        def on_records(records: list[Record]) -> None:
+            add(records)
+            incremental.commit(records, run_id)
+
+        _execute_pending(plan, backend, incremental.pending(plan_partitions(plan)), on_records)
 
 
 def _execute_pending(
