@@ -62,16 +62,29 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def clean_outputs(tmp_path_factory, slow_urls):
+    """The outputs of one uninterrupted run: what every resumed run must end with."""
+    base = tmp_path_factory.mktemp("clean")
+    config = base / "clean.yaml"
+    config.write_text(JOB.format(out=base / "out", urls=slow_urls))
+    run(RunRequest(config=config))
+    return outputs(base / "out")
+
+
 @pytest.mark.slow
-def test_kill_9_mid_batch_then_rerun_equals_clean_run(write_config, slow_urls, tmp_path):
+@pytest.mark.parametrize("kill_after", [1, 20], ids=["early", "late"])
+def test_kill_9_mid_batch_then_rerun_equals_clean_run(
+    write_config, slow_urls, clean_outputs, tmp_path, kill_after
+):
     out = tmp_path / "out"
     config = write_config(JOB.format(out=out, urls=slow_urls))
     process = start_run(config)
-    wait_for(lambda: manifest_items(out) >= 3)
+    wait_for(lambda: manifest_items(out) >= kill_after)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     done_before = manifest_items(out)
-    assert 3 <= done_before < ITEMS, "the kill must land mid-batch"
+    assert kill_after <= done_before < ITEMS, "the kill must land mid-batch"
 
     report = run(RunRequest(config=config))  # the dead run's lock does not block this one
 
@@ -80,10 +93,8 @@ def test_kill_9_mid_batch_then_rerun_equals_clean_run(write_config, slow_urls, t
     keys = [r["key"] for r in records(out)]
     assert len(keys) == len(set(keys)) == ITEMS
     assert manifest_items(out) == ITEMS
-    clean = tmp_path / "clean"
-    run(RunRequest(config=write_config(JOB.format(out=clean, urls=slow_urls), "clean.yaml")))
-    assert outputs(out) == outputs(clean)
-    assert len(outputs(out)) == 2 * ITEMS
+    assert outputs(out) == clean_outputs
+    assert len(clean_outputs) == 2 * ITEMS
     empty = [name for name, data in outputs(out).items() if not data]
     assert not [*out.rglob(".tmp-*"), *empty]
 
@@ -103,7 +114,7 @@ def pool_workers(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, tmp_path):
+def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, clean_outputs, tmp_path):
     out = tmp_path / "out"
     config = write_config(JOB.format(out=out, urls=slow_urls).replace("threads", "processes"))
     process = start_run(config)
@@ -117,6 +128,4 @@ def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, tmp_pa
 
     assert report["counts"]["failed"] == 0
     assert manifest_items(out) == ITEMS
-    clean = tmp_path / "clean"
-    run(RunRequest(config=write_config(JOB.format(out=clean, urls=slow_urls), "clean.yaml")))
-    assert outputs(out) == outputs(clean)
+    assert outputs(out) == clean_outputs
