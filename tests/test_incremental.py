@@ -174,18 +174,19 @@ partition_size: 500
 output: {out}
 stages:
   urls:     {{kind: url_list, path: {urls}}}
-  download: {{kind: download, input: urls, concurrency: 16, allow_hosts: [127.0.0.1]}}
+  download: {{kind: download, input: urls, allow_schemes: [file]}}
   decode:   {{kind: decode, input: download}}
   write:    {{kind: write_images, input: decode, path: images, format: png}}
 """
 
 
 @pytest.mark.slow
-def test_rerun_of_10000_done_items(write_config, tmp_path, image_server):
+def test_rerun_of_10000_done_items(write_config, tmp_path):
     """Prints how long an unchanged re-run of 10,000 done items takes (no timing assert)."""
-    image_server.add_bytes("/tiny.png", png_bytes(photo(8, 8, seed=7)), "image/png")
-    urls = tmp_path / "urls.txt"
-    urls.write_text("".join(f"{image_server.url('/tiny.png')}?n={n}\n" for n in range(10_000)))
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(png_bytes(photo(8, 8, seed=7)))
+    urls = tmp_path / "urls.txt"  # 10,000 distinct URLs (keys) of one small local file
+    urls.write_text("".join(f"{tiny.as_uri()}?n={n}\n" for n in range(10_000)))
     config = write_config(TINY_JOB.format(out=tmp_path / "out", urls=urls))
     first = run(RunRequest(config=config))
     assert first["counts"]["ok"] == 10_000
