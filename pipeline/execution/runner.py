@@ -187,8 +187,7 @@ def _finish(run_dir: Path, report: dict[str, Any], exit_code: int, **extra: Any)
     write_report(run_dir, report)
     append_history(run_dir, {**report, "event": "end"})
     counts = report["counts"]
-    log.log(
-        logging.ERROR if "error" in report else logging.INFO,
+    log.info(  # INFO: the CLI prints the error itself; this line is for the run's log file
         "run %s ended with exit %d: ok %d, failed %d, skipped %d in %.1fs%s",
         report["run_id"],
         exit_code,
