@@ -46,10 +46,10 @@ def start_run(config: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def manifest_items(run_dir: Path) -> int:
+def manifest_items(run_dir: Path, name: str = "manifest.sqlite") -> int:
     """Items recorded in the manifest so far (0 before it exists)."""
     try:
-        with sqlite3.connect(f"file:{run_dir / 'manifest.sqlite'}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{run_dir / name}?mode=ro", uri=True) as db:
             return db.execute("SELECT count(*) FROM items").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
@@ -129,3 +129,32 @@ def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, clean_
     assert report["counts"]["failed"] == 0
     assert manifest_items(out) == ITEMS
     assert outputs(out) == clean_outputs
+
+
+WRITE_FOREVER = """
+import sys
+from pipeline.state.manifest import Attempt, Manifest
+
+attempt = Attempt({"write": "fingerprint"}, "attempt")
+with Manifest(sys.argv[1]) as manifest:
+    for batch in range(10**9):
+        records = [
+            {"key": f"{batch}-{i}", "url": "u", "status": "ok", "stage": None, "reason": None,
+             "message": None, "sink_outputs": {"write": [f"out/{batch}-{i}.jpg"]}}
+            for i in range(7)
+        ]
+        manifest.commit(records, {record["key"]: attempt for record in records}, "run")
+"""
+
+
+def test_manifest_survives_kill_9_mid_commit(tmp_path):
+    """Partitions of 7 committed in a tight loop, killed at once: whole partitions or none."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_FOREVER, str(tmp_path / "m.sqlite")])
+    wait_for(lambda: manifest_items(tmp_path, "m.sqlite") >= 70)
+    writer.kill()
+    writer.wait(timeout=30)
+    with sqlite3.connect(tmp_path / "m.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        items = db.execute("SELECT count(*) FROM items").fetchone()[0]
+        sinks = db.execute("SELECT count(*) FROM sinks").fetchone()[0]
+    assert items % 7 == 0 and items == sinks >= 70
