@@ -20,6 +20,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run_parser.add_argument(
         "--dry-run", "-n", action="store_true", help="print the plan and stop; write nothing"
     )
+    run_parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, log progress this often (default 10)",
+    )
     run_parser.set_defaults(handler=command_run)
 
     validate_parser = commands.add_parser("validate", help="check a config and report all errors")
@@ -35,7 +42,9 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     total = plan.count_items()
     logger().info("run %s", fields(job=plan.config.name, items=total, backend=backend.describe()))
-    progress = Progress(plan.config.name, total) if args.verbosity != "quiet" else None
+    progress = None
+    if args.verbosity != "quiet":
+        progress = Progress(plan.config.name, total, interval=args.progress_interval)
     try:
         report = run(request, progress)
     finally:

@@ -143,9 +143,5 @@ def backend_class(name: str) -> type[Backend]:
     """The backend for `name` or an alias; ConfigError listing valid names otherwise."""
     canonical = BACKEND_ALIASES.get(name, name)
     if canonical not in BACKENDS:
-        names = [*BACKENDS, *BACKEND_ALIASES]
-        raise ConfigError(
-            f"unknown backend '{name}'{suggest(name, names)} "
-            f"(valid: {', '.join(BACKENDS)}; aliases: {', '.join(BACKEND_ALIASES)})"
-        )
+        raise ConfigError(f"unknown backend '{name}'{suggest(name, [*BACKENDS, *BACKEND_ALIASES])}")
     return BACKENDS[canonical]
