@@ -58,8 +58,8 @@ class ConfigDocument:
 
     def problem(self, loc: Loc, message: str) -> str:
         """One formatted problem: location, dotted key, message, offending line."""
-        key, where = dotted(loc), self.where(loc)
-        head = f"{where}: {key}: {message}" if key and key not in where else f"{where}: {message}"
+        key = dotted(loc)
+        head = f"{self.where(loc)}: {key}: {message}" if key else f"{self.where(loc)}: {message}"
         line = self.source_line(loc)
         return f"{head}\n    {line}" if line else head
 

@@ -143,5 +143,9 @@ def backend_class(name: str) -> type[Backend]:
     """The backend for `name` or an alias; ConfigError listing valid names otherwise."""
     canonical = BACKEND_ALIASES.get(name, name)
     if canonical not in BACKENDS:
-        raise ConfigError(f"unknown backend '{name}'{suggest(name, [*BACKENDS, *BACKEND_ALIASES])}")
+        names = [*BACKENDS, *BACKEND_ALIASES]
+        raise ConfigError(
+            f"unknown backend '{name}'{suggest(name, names)} "
+            f"(valid: {', '.join(BACKENDS)}; aliases: {', '.join(BACKEND_ALIASES)})"
+        )
     return BACKENDS[canonical]
