@@ -132,7 +132,11 @@ def test_graph_mermaid_and_dot():
     assert "    s3 --> s4" in mermaid.stdout
     dot = cli("graph", DEMO, "--format", "dot")
     assert '"thumb" -> "write";' in dot.stdout
-    assert '"write" [label="write\\nwrite_images", shape=cylinder];' in dot.stdout
+    assert (
+        '"write" [label=<write<BR/><FONT POINT-SIZE="9" COLOR="gray35">write_images</FONT>>, '
+        in (dot.stdout)
+    )
+    assert "shape=cylinder];" in dot.stdout
 
 
 def test_graph_image_needs_graphviz(tmp_path):
@@ -197,3 +201,13 @@ def test_quiet_prints_only_the_summary(tmp_path):
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("pipeline ")
+
+
+@pytest.mark.slow
+def test_progress_on_distributed_shows_the_dashboard(tmp_path):
+    code, stderr = run_on_pty(
+        "run", DEMO, "-b", "distributed", "-w", "1", "--set", f"output={tmp_path / 'dist'}"
+    )
+    assert code == 0, stderr
+    assert "24/24  100%  failed 0" in stderr
+    assert "dashboard http://" in stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from html import escape
 
 from pipeline.errors import PipelineError
 from pipeline.plan.dag import Plan
@@ -24,7 +25,7 @@ def mermaid(plan: Plan) -> str:
     lines = ["flowchart LR"]
     for node in plan.nodes:
         opening, closing = MERMAID_SHAPES[node.role]
-        label = f"{node.name}<br/><i>{node.kind}</i>".replace('"', "#quot;")
+        label = f"{escape(node.name, quote=False)}<br/><i>{node.kind}</i>".replace('"', "#quot;")
         lines.append(f"    {ids[node.name]}{opening}{label}{closing}")
     lines += [
         f"    {ids[source]} --> {ids[node.name]}" for node in plan.nodes for source in node.inputs
@@ -40,7 +41,7 @@ def dot(plan: Plan) -> str:
         '    node [fontname="Helvetica", fontsize=11];',
     ]
     for node in plan.nodes:
-        label = _quote(f"{node.name}\n{node.kind}")
+        label = f'<{escape(node.name)}<BR/><FONT POINT-SIZE="9" COLOR="gray35">{node.kind}</FONT>>'
         lines.append(f"    {_quote(node.name)} [label={label}, shape={DOT_SHAPES[node.role]}];")
     lines += [
         f"    {_quote(source)} -> {_quote(node.name)};"
@@ -51,7 +52,7 @@ def dot(plan: Plan) -> str:
 
 
 def _quote(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
 
 
