@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import shutil
@@ -10,6 +11,8 @@ import sys
 
 import pytest
 
+from pipeline.progress import Progress, Snapshot, render_line
+from pipeline.state.results import RunStats
 from tests.conftest import REPO
 
 DEMO = "configs/thumbnails.yaml"
@@ -102,6 +105,14 @@ def test_missing_config_and_bad_override_exit_2():
     override = cli("-q", "validate", DEMO, "--set", "partition_size")
     assert override.returncode == 2
     assert "--set partition_size: expected dotted.key=value" in override.stderr
+
+
+def test_unwritable_output_exit_4_in_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli("-q", "run", DEMO, "--set", f"output={blocker / 'run'}")
+    assert result.returncode == 4
+    assert result.stderr.splitlines() == [f"error: Not a directory: {blocker / 'run'}"]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -211,3 +222,21 @@ def test_progress_on_distributed_shows_the_dashboard(tmp_path):
     assert code == 0, stderr
     assert "24/24  100%  failed 0" in stderr
     assert "dashboard http://" in stderr
+
+
+def test_progress_line_without_a_known_total_has_no_bar_or_eta():
+    line = render_line("job", Snapshot(done=40, failed=2, total=None, rate=8.0, elapsed=5.0))
+    assert line == "job  40 items  failed 2  8.0 items/s"
+    eta = render_line("job", Snapshot(done=40, failed=0, total=1000, rate=8.0, elapsed=5.0))
+    assert "[--------------------]  40/1000  4%" in eta and eta.endswith("ETA 2:00")
+
+
+def test_progress_redraws_in_place_and_ends_its_line():
+    terminal = io.StringIO()
+    progress = Progress("job", total=2, stream=terminal, live=True, dashboard=lambda: None)
+    stats = RunStats()
+    stats.add([{"status": "ok", "reason": None, "timings": {}}] * 2)
+    progress(stats)
+    progress.close()
+    assert terminal.getvalue().startswith("\rjob  [####################]  2/2  100%  failed 0")
+    assert terminal.getvalue().endswith("\x1b[K\n")

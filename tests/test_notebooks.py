@@ -44,7 +44,7 @@ def test_tour_times_both_jobs_on_every_backend_and_draws_the_chart():
     text, kinds = outputs(execute("tour.ipynb"))
     for setup in ["sync", "threads (2)", "threads (8)", "processes (2)", "distributed (2)"]:
         assert text.count(f"{setup:<16} ") == 2, setup  # the I/O job and the CPU job
-    assert "partition_size  1:" in text and "partition_size 50:" in text
+    assert "partition_size  1:" in text and "partition_size 40:" in text
     assert "dashboard: http://127.0.0.1:" in text
     assert "image/png" in kinds
 

@@ -96,7 +96,7 @@ def describe_plan(request: RunRequest, plan: Plan, backend: Backend) -> str:
     ]
     for node in plan.nodes:
         edges = f"<- {', '.join(node.inputs)}" if node.inputs else node.role
-        where = _sink_path(config.output, node.options)
+        where = _sink_path(config.output, node.options) if node.role == "sink" else None
         lines.append(
             f"  {node.name:<{width}}  {node.kind:<{kind_width}}  {edges}"
             + (f"  -> {where}" if where else "")
@@ -115,8 +115,9 @@ def _items(total: int | None, size: int) -> str:
 
 
 def _sink_path(run_dir: str, options: object) -> str | None:
+    """Where a sink writes: its `path` option, inside the run directory unless absolute."""
     path = getattr(options, "path", None)
-    if not isinstance(path, str) or not hasattr(options, "format"):
+    if not isinstance(path, str):
         return None
     return path if urlsplit(path).scheme or Path(path).is_absolute() else f"{run_dir}/{path}"
 
