@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from pipeline.config import load_document
 from pipeline.plan.schema import config_schema, schema_text
 from pipeline.stages.registry import stage_kinds
 from tests.conftest import REPO
@@ -49,7 +50,8 @@ def test_example_config_names_the_schema_and_satisfies_it(config):
     header = HEADER.match(first_line)
     assert header, f"{config.name}: start it with '# yaml-language-server: $schema=...'"
     assert (config.parent / header.group(1)).resolve() == SCHEMA_FILE
-    jsonschema.validate(yaml.safe_load(config.read_text()), json.loads(SCHEMA_FILE.read_text()))
+    effective = load_document(config).data  # after ${VAR:-default} interpolation
+    jsonschema.validate(effective, json.loads(SCHEMA_FILE.read_text()))
 
 
 def test_schema_rejects_what_validation_rejects():
