@@ -23,6 +23,7 @@ from urllib3.exceptions import (
     DecodeError,
     LocationValueError,
     NameResolutionError,
+    NewConnectionError,
     ProtocolError,
 )
 
@@ -248,7 +249,8 @@ def read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int) -> bytes:
 def classify(exc: urllib3.exceptions.HTTPError, deadline: Deadline) -> Exception:
     """The item error for a urllib3 failure; transient ones are retryable."""
     cause = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else None
-    if deadline.expired or isinstance(exc, urllib3.exceptions.TimeoutError):
+    refused = isinstance(exc, NewConnectionError)  # a subclass of ConnectTimeoutError
+    if deadline.expired or (isinstance(exc, urllib3.exceptions.TimeoutError) and not refused):
         return RetryableError(ItemError("timeout", str(exc)[:300]))
     if isinstance(cause, http.client.IncompleteRead):
         return ItemError("incomplete_body", f"body ended early: {cause!r}")

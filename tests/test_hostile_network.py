@@ -1,0 +1,299 @@
+"""The download stage against a real loopback server that misbehaves in every way.
+
+Each case asserts the outcome and reason a naive requests.get(url).content would
+not give: it would follow redirects into internal addresses, wait forever on a
+dripping server, decode a gzip bomb into memory, retry nothing, or reuse a
+half-read connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from email.utils import formatdate
+
+import pytest
+
+from pipeline.stages.base import Item, JobContext, Record, SourceItem
+from pipeline.stages.download import Download, DownloadOptions
+from pipeline.stages.download.policy import AllowEntry, parse_retry_after
+from pipeline.testing import server as misbehave
+from pipeline.testing.images import jpeg_bytes, photo
+from pipeline.testing.server import TestServer, send_bytes
+
+IMAGE = jpeg_bytes(photo(64, 48, seed=5))
+FAST = {"timeout": 1.0, "connect_timeout": 1.0, "read_timeout": 1.0, "backoff": 0.01}
+
+
+@pytest.fixture(scope="module")
+def internal():
+    """A second loopback server standing in for an internal service (not allow-listed)."""
+    with TestServer() as server:
+        server.add_bytes("/secret.jpg", IMAGE)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hostile(internal):
+    with TestServer() as server:
+        add = server.add
+        server.add_bytes("/ok.jpg", IMAGE)
+        add("/404", misbehave.status(404))
+        add("/500", misbehave.status(500))
+        add("/429", misbehave.status(429, {"Retry-After": "3600"}))
+        add("/flaky", misbehave.flaky(2, misbehave.status(503), server.routes["/ok.jpg"]))
+        add("/loop", misbehave.redirect("/loop"))
+        add("/ping", misbehave.redirect("/pong"))
+        add("/pong", misbehave.redirect("/ping"))
+        for hop in range(1, 6):
+            add(f"/chain{hop}", misbehave.redirect(f"/chain{hop - 1}" if hop > 1 else "/ok.jpg"))
+        add("/to-internal", misbehave.redirect(internal.url("/secret.jpg")))
+        add("/to-metadata", misbehave.redirect("http://169.254.169.254/latest/meta-data/"))
+        add("/to-decimal", misbehave.redirect(f"http://2130706433:{internal.port}/secret.jpg"))
+        add("/to-file", misbehave.redirect("file:///etc/passwd"))
+        add("/slow-headers", misbehave.drip_headers(IMAGE, 0.05))
+        add("/slow-body", misbehave.drip_body(IMAGE, 0.01))
+        add("/short", misbehave.short_body(IMAGE[:500], missing=1000))
+        add("/endless", misbehave.endless_body())
+        add("/gzip-bomb", misbehave.gzip_bomb(64_000_000))
+        add("/reset", misbehave.reset())
+        add("/liar", misbehave.short_body(b"x", missing=10**12))
+        add("/big", lambda request: send_bytes(request, bytes(3_000_000), "image/jpeg"))
+        robots = {"X-Robots-Tag": "otherbot: noindex, googlebot: noimageai"}
+        add("/noai.jpg", lambda request: send_bytes(request, IMAGE, "image/jpeg", 200, robots))
+        yield server
+
+
+def download(url: str, server: TestServer | None = None, **options) -> tuple[Record, Item | None]:
+    """Run one URL through a download stage; the loopback `server` is allow-listed."""
+    allow = [f"127.0.0.1:{server.port}"] if server else []
+    settings = {**FAST, "retries": 0, "allow_hosts": allow, **options}
+    stage = Download("download", DownloadOptions(**settings), JobContext("hostile", "."))
+    record = SourceItem(0, url).new_record()
+    return record, stage.run_one(Item(record, None))
+
+
+def failed(record: Record) -> str:
+    assert record["status"] == "failed", record
+    return record["reason"]
+
+
+def test_ok_with_allow_listed_loopback(hostile):
+    record, item = download(hostile.url("/ok.jpg"), hostile)
+    assert record["status"] == "ok" and item is not None and item.data == IMAGE
+    assert record["attempts"] == 1
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "2130706433",  # decimal
+        "0x7f000001",  # hex
+        "0177.0.0.1",  # octal
+        "127.1",
+        "localhost",
+        "[::1]",
+        "[::ffff:127.0.0.1]",  # IPv4-mapped IPv6
+        "0.0.0.0",
+        "10.0.0.1",
+        "192.168.1.1",
+        "169.254.169.254",  # cloud metadata, link-local
+        "224.0.0.1",  # multicast
+        "240.0.0.1",  # reserved
+    ],
+)
+def test_non_public_addresses_refused_in_every_spelling(internal, host):
+    hits = dict(internal.hits)
+    record, _ = download(f"http://{host}:{internal.port}/secret.jpg")
+    assert failed(record) == "blocked_address"
+    assert internal.hits == hits  # never connected
+
+
+@pytest.mark.parametrize("path", ["/to-internal", "/to-metadata", "/to-decimal"])
+def test_redirect_to_a_blocked_address_is_refused_on_that_hop(hostile, internal, path):
+    hits = dict(internal.hits)
+    record, _ = download(hostile.url(path), hostile)
+    assert failed(record) == "blocked_address"
+    assert internal.hits == hits
+
+
+def test_allow_hosts_entries():
+    assert AllowEntry.parse("127.0.0.1:8080").port == 8080
+    assert AllowEntry.parse("[::1]:80").network is not None
+    assert str(AllowEntry.parse("10.0.0.0/8").network) == "10.0.0.0/8"
+    assert AllowEntry.parse("localhost").host == "localhost"
+    with pytest.raises(ValueError):
+        DownloadOptions(allow_hosts=["::1:80:x"])
+
+
+def test_redirect_to_a_blocked_scheme(hostile):
+    record, _ = download(hostile.url("/to-file"), hostile, allow_schemes=["http", "file"])
+    assert failed(record) == "blocked_scheme"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/a.jpg",
+        "gopher://example.com/",
+        "data:image/png;base64,AAAA",
+        "/etc/passwd",
+    ],
+)
+def test_schemes_outside_allow_schemes(url):
+    record, _ = download(url)
+    assert failed(record) == "blocked_scheme"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://", "http://[::1/a.jpg", "http://a.com:99999/", "http://a/\n"]
+)
+def test_invalid_urls(url):
+    record, _ = download(url)
+    assert failed(record) == "invalid_url"
+
+
+@pytest.mark.parametrize("path", ["/loop", "/ping", "/chain5"])
+def test_redirect_loops_and_long_chains(hostile, path):
+    record, _ = download(hostile.url(path), hostile, max_redirects=3)
+    assert failed(record) == "too_many_redirects"
+
+
+def test_redirects_within_the_limit_are_followed(hostile):
+    record, item = download(hostile.url("/chain3"), hostile, max_redirects=3)
+    assert record["status"] == "ok" and item.data == IMAGE
+
+
+def test_404_is_not_retried(hostile):
+    before = hostile.hits.get("/404", 0)
+    record, _ = download(hostile.url("/404"), hostile, retries=3)
+    assert failed(record) == "http_4xx" and record["attempts"] == 1
+    assert hostile.hits["/404"] == before + 1
+
+
+def test_500_is_retried_then_recorded(hostile):
+    before = hostile.hits.get("/500", 0)
+    record, _ = download(hostile.url("/500"), hostile, retries=2)
+    assert failed(record) == "http_5xx" and record["attempts"] == 3
+    assert hostile.hits["/500"] == before + 3
+
+
+def test_flaky_server_then_ok(hostile):
+    record, item = download(hostile.url("/flaky"), hostile, retries=2)
+    assert record["status"] == "ok" and item.data == IMAGE and record["attempts"] == 3
+
+
+def test_429_retry_after_is_capped(hostile):
+    started = time.monotonic()
+    record, _ = download(hostile.url("/429"), hostile, retries=1, retry_after_max=0.2)
+    assert failed(record) == "rate_limited" and record["attempts"] == 2
+    assert time.monotonic() - started < 3  # not the 3600 s the server asked for
+
+
+def test_retry_after_is_honoured(hostile):
+    wait = {"Retry-After": "1"}
+    hostile.add(
+        "/429-once", misbehave.flaky(1, misbehave.status(429, wait), hostile.routes["/ok.jpg"])
+    )
+    started = time.monotonic()
+    record, _ = download(hostile.url("/429-once"), hostile, retries=1)
+    assert record["status"] == "ok" and record["attempts"] == 2
+    assert time.monotonic() - started >= 0.9  # a sleep never returns early
+
+
+def test_retry_after_forms():
+    assert parse_retry_after("7") == 7.0
+    assert 25 < parse_retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30
+    assert parse_retry_after("soon") is None
+
+
+@pytest.mark.parametrize("path", ["/slow-headers", "/slow-body"])
+def test_dripping_server_hits_the_total_deadline(hostile, path):
+    started = time.monotonic()
+    record, _ = download(hostile.url(path), hostile, timeout=1.0, read_timeout=0.5, retries=1)
+    assert failed(record) == "timeout" and record["attempts"] == 2
+    assert time.monotonic() - started < 4  # 2 attempts of 1 s, not the minutes a drip takes
+
+
+def test_short_body_is_incomplete(hostile):
+    record, _ = download(hostile.url("/short"), hostile)
+    assert failed(record) == "incomplete_body"
+
+
+def test_declared_length_over_cap_refused_before_reading(hostile):
+    record, _ = download(hostile.url("/liar"), hostile, max_bytes=1_000_000)
+    assert failed(record) == "too_large" and "Content-Length" in record["message"]
+
+
+def test_endless_body_stops_at_the_cap(hostile):
+    started = time.monotonic()
+    record, _ = download(hostile.url("/endless"), hostile, max_bytes=2_000_000, timeout=5)
+    assert failed(record) == "too_large"
+    assert time.monotonic() - started < 4
+
+
+def test_gzip_bomb_counts_decoded_bytes_with_bounded_memory(hostile):
+    tracemalloc.start()
+    try:
+        record, _ = download(hostile.url("/gzip-bomb"), hostile, max_bytes=4_000_000, timeout=5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert failed(record) == "too_large" and "decoded" in record["message"]
+    assert peak < 16_000_000  # the bomb inflates to 64 MB
+
+
+def test_connection_reset(hostile):
+    record, _ = download(hostile.url("/reset"), hostile, retries=1)
+    assert failed(record) == "connection_error" and record["attempts"] == 2
+
+
+def test_refused_connection(hostile):
+    with TestServer() as gone:
+        port = gone.port
+    record, _ = download(f"http://127.0.0.1:{port}/a.jpg", allow_hosts=[f"127.0.0.1:{port}"])
+    assert failed(record) == "connection_error"
+
+
+def test_error_mid_body_never_poisons_the_pool(hostile):
+    options = {"max_bytes": 1_000_000}  # the same options: the same pooled connections
+    assert failed(download(hostile.url("/big"), hostile, **options)[0]) == "too_large"
+    for _ in range(3):
+        record, item = download(hostile.url("/ok.jpg"), hostile, **options)
+        assert record["status"] == "ok" and item.data == IMAGE
+
+
+def test_x_robots_tag_noimageai(hostile):
+    record, _ = download(hostile.url("/noai.jpg"), hostile, respect_robots_tag=True)
+    assert failed(record) == "disallowed"
+    record, _ = download(hostile.url("/noai.jpg"), hostile)
+    assert record["status"] == "ok"
+
+
+def test_user_agent_and_per_host_limit(hostile):
+    seen: list[str] = []
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_image(request):
+        with lock:
+            seen.append(request.headers["User-Agent"])
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        send_bytes(request, IMAGE, "image/jpeg")
+
+    hostile.add("/slow.jpg", slow_image)
+    options = {**FAST, "allow_hosts": [f"127.0.0.1:{hostile.port}"], "concurrency": 8}
+    options.update(per_host=2, user_agent="test-bot/1.0 (+mailto:ops@example.invalid)")
+    stage = Download("download", DownloadOptions(**options), JobContext("hostile", "."))
+    items = [
+        Item(SourceItem(i, hostile.url("/slow.jpg") + f"?{i}").new_record(), None) for i in range(8)
+    ]
+    results = list(stage.stream(items))
+    assert len(results) == 8 and all(item.data == IMAGE for item in results)
+    assert peak[0] == 2
+    assert set(seen) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
