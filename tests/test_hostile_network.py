@@ -19,10 +19,9 @@ from pipeline.stages.base import Item, JobContext, Record, SourceItem
 from pipeline.stages.download import Download, DownloadOptions
 from pipeline.stages.download.policy import AllowEntry, parse_retry_after
 from pipeline.testing import server as misbehave
-from pipeline.testing.images import jpeg_bytes, photo
 from pipeline.testing.server import TestServer, send_bytes
+from tests.hostile_cases import IMAGE, add_hostile_routes
 
-IMAGE = jpeg_bytes(photo(64, 48, seed=5))
 FAST = {"timeout": 1.0, "connect_timeout": 1.0, "read_timeout": 1.0, "backoff": 0.01}
 
 
@@ -37,31 +36,7 @@ def internal():
 @pytest.fixture(scope="module")
 def hostile(internal):
     with TestServer() as server:
-        add = server.add
-        server.add_bytes("/ok.jpg", IMAGE)
-        add("/404", misbehave.status(404))
-        add("/500", misbehave.status(500))
-        add("/429", misbehave.status(429, {"Retry-After": "3600"}))
-        add("/flaky", misbehave.flaky(2, misbehave.status(503), server.routes["/ok.jpg"]))
-        add("/loop", misbehave.redirect("/loop"))
-        add("/ping", misbehave.redirect("/pong"))
-        add("/pong", misbehave.redirect("/ping"))
-        for hop in range(1, 6):
-            add(f"/chain{hop}", misbehave.redirect(f"/chain{hop - 1}" if hop > 1 else "/ok.jpg"))
-        add("/to-internal", misbehave.redirect(internal.url("/secret.jpg")))
-        add("/to-metadata", misbehave.redirect("http://169.254.169.254/latest/meta-data/"))
-        add("/to-decimal", misbehave.redirect(f"http://2130706433:{internal.port}/secret.jpg"))
-        add("/to-file", misbehave.redirect("file:///etc/passwd"))
-        add("/slow-headers", misbehave.drip_headers(IMAGE, 0.05))
-        add("/slow-body", misbehave.drip_body(IMAGE, 0.01))
-        add("/short", misbehave.short_body(IMAGE[:500], missing=1000))
-        add("/endless", misbehave.endless_body())
-        add("/gzip-bomb", misbehave.gzip_bomb(64_000_000))
-        add("/reset", misbehave.reset())
-        add("/liar", misbehave.short_body(b"x", missing=10**12))
-        add("/big", lambda request: send_bytes(request, bytes(3_000_000), "image/jpeg"))
-        robots = {"X-Robots-Tag": "otherbot: noindex, googlebot: noimageai"}
-        add("/noai.jpg", lambda request: send_bytes(request, IMAGE, "image/jpeg", 200, robots))
+        add_hostile_routes(server, internal)
         yield server
 
 
