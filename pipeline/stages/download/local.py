@@ -18,16 +18,23 @@ def read_local(path: str, max_bytes: int, root: str | None = None) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise _open_error(path, exc) from None
+    try:
+        _check_regular(path, os.fstat(fd), max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ItemError("not_regular_file", f"{path} is a {_kind(info.st_mode)}")
-        if info.st_size > max_bytes:
-            raise ItemError("too_large", f"{info.st_size} bytes exceeds {max_bytes}")
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # the file grew after the stat, or stat lies (/proc)
         raise ItemError("too_large", f"more than {max_bytes} bytes")
     return data
+
+
+def _check_regular(path: str, info: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ItemError("not_regular_file", f"{path} is a {_kind(info.st_mode)}")
+    if info.st_size > max_bytes:
+        raise ItemError("too_large", f"{info.st_size} bytes exceeds {max_bytes}")
 
 
 def _open_error(path: str, exc: OSError) -> ItemError:
