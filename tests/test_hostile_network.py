@@ -8,10 +8,15 @@ half-read connection.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 from email.utils import formatdate
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +25,8 @@ from pipeline.stages.download import Download, DownloadOptions
 from pipeline.stages.download.policy import AllowEntry, parse_retry_after
 from pipeline.testing import server as misbehave
 from pipeline.testing.server import TestServer, send_bytes
-from tests.hostile_cases import IMAGE, add_hostile_routes
+from tests.conftest import REPO
+from tests.hostile_cases import IMAGE, add_hostile_routes, hostile_images
 
 FAST = {"timeout": 1.0, "connect_timeout": 1.0, "read_timeout": 1.0, "backoff": 0.01}
 
@@ -272,3 +278,136 @@ def test_user_agent_and_per_host_limit(hostile):
     assert len(results) == 8 and all(item.data == IMAGE for item in results)
     assert peak[0] == 2
     assert set(seen) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
+
+
+# The whole pipeline on a hostile URL list, in a subprocess that reports its peak memory.
+
+PEAK_RSS = """
+import resource, sys
+from pipeline.cli import main
+code = main(sys.argv[1:])
+print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+NETWORK_OUTCOMES = {
+    "/ok.jpg": None,
+    "/png-as-html.jpg": None,
+    "/disposition.jpg": None,
+    "/html-as-jpeg.jpg": "not_an_image",
+    "/404": "http_4xx",
+    "/500": "http_5xx",
+    "/429": "rate_limited",
+    "/loop": "too_many_redirects",
+    "/ping": "too_many_redirects",
+    "/to-internal": "blocked_address",
+    "/to-metadata": "blocked_address",
+    "/to-decimal": "blocked_address",
+    "/to-file": "blocked_scheme",
+    "/slow-headers": "timeout",
+    "/slow-body": "timeout",
+    "/short": "incomplete_body",
+    "/endless": "too_large",
+    "/gzip-bomb": "too_large",
+    "/liar": "too_large",
+    "/reset": "connection_error",
+    "/noai.jpg": "disallowed",
+}
+
+HOSTILE_JOB = """
+name: hostile
+backend: {{kind: threads, workers: 2}}
+partition_size: 8
+output: {out}
+stages:
+  urls: {{kind: url_list, path: {urls}}}
+  download:
+    kind: download
+    input: urls
+    concurrency: 8
+    timeout: 1
+    connect_timeout: 1
+    read_timeout: 0.5
+    retries: 1
+    backoff: 0.01
+    retry_after_max: 0.2
+    max_bytes: 4000000
+    respect_robots_tag: true
+    allow_schemes: [http, file]
+    allow_hosts: ["127.0.0.1:{port}"]
+  decode: {{kind: decode, input: download, max_pixels: 4000000}}
+  thumb: {{kind: thumbnail, input: decode, size: [64, 64]}}
+  write: {{kind: write_images, input: thumb, path: images, format: jpeg}}
+"""
+
+
+def hostile_inputs(
+    folder: Path, hostile: TestServer, internal: TestServer
+) -> dict[str, str | None]:
+    """URL or path -> expected reason (None: ok), with the files written under `folder`."""
+    expected = {hostile.url(path): reason for path, reason in NETWORK_OUTCOMES.items()}
+    expected[f"http://2130706433:{internal.port}/secret.jpg"] = "blocked_address"
+    expected["ftp://127.0.0.1/a.jpg"] = "blocked_scheme"
+    for name, (data, reason) in hostile_images().items():
+        (folder / name).write_bytes(data)
+        expected[str(folder / name)] = reason
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "dir.jpg").mkdir()
+    with open(folder / "sparse.jpg", "wb") as handle:
+        handle.truncate(10 * 1024**3)
+    expected.update({str(folder / "fifo.jpg"): "not_regular_file", "/dev/zero": "not_regular_file"})
+    expected.update(
+        {str(folder / "dir.jpg"): "not_regular_file", str(folder / "sparse.jpg"): "too_large"}
+    )
+    return expected
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_hostile_run_is_bounded_and_truthful(tmp_path, hostile, internal):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    expected = hostile_inputs(inputs, hostile, internal)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("\n".join(expected) + "\n")
+    config = tmp_path / "hostile.yaml"
+    config.write_text(HOSTILE_JOB.format(out=out, urls=urls, port=hostile.port))
+    before = tree(tmp_path)
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "run", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    wall = time.monotonic() - started
+    assert result.returncode == 1, result.stderr  # finished, with failed items
+
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_input = {record["url"]: record for record in records}
+    assert len(records) == len(expected) == len(by_input)
+    for url, reason in expected.items():
+        record = by_input[url if "://" in url else Path(url).as_uri()]
+        assert record["reason"] == reason, (url, record)
+    assert by_input[hostile.url("/short")]["stage"] == "download"  # never decoded
+
+    written = tree(tmp_path) - before
+    assert all(path == "out" or path.startswith("out/") for path in written), written
+    images = list((out / "images").iterdir())
+    assert len(images) == sum(reason is None for reason in expected.values())
+    assert all(p.suffix == ".jpg" and b"payload" not in p.read_bytes() for p in images)
+
+    peak_mb = int(result.stderr.rsplit("peak_rss_mb", 1)[1])
+    worst_item = max(sum(record["timings"].values()) for record in records)
+    print(
+        f"\nhostile run: {len(records)} items, wall {wall:.1f}s, "
+        f"worst item {worst_item:.2f}s, peak RSS {peak_mb} MB"
+    )
+    assert worst_item < 5  # two attempts of a 1 s deadline, plus backoff
+    assert wall < 60
+    assert peak_mb < 200  # a naive run holds a 64 MB gzip bomb, /dev/zero, a 10 GB file...

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
@@ -55,6 +55,14 @@ class DecodeOptions(Options):
         le=Image.MAX_IMAGE_PIXELS,  # at most Pillow's bomb limit: its warning never fires
         description="Images with more pixels fail as decompression_bomb, before decoding",
     )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _upper(cls, formats: object) -> object:
+        if isinstance(formats, list | tuple):
+            return tuple(str(name).upper() for name in formats)
+        return formats
+
     draft: bool = Field(True, description="Decode JPEGs at reduced scale when consumers allow")
 
 
