@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -238,9 +239,29 @@ def test_refused_connection(hostile):
     assert failed(record) == "connection_error"
 
 
-def test_error_mid_body_never_poisons_the_pool(hostile):
-    options = {"max_bytes": 1_000_000}  # the same options: the same pooled connections
-    assert failed(download(hostile.url("/big"), hostile, **options)[0]) == "too_large"
+def test_connect_timeout():
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the backlog: SYNs are dropped
+            started = time.monotonic()
+            record, _ = download(
+                f"http://127.0.0.1:{port}/a.jpg",
+                allow_hosts=[f"127.0.0.1:{port}"],
+                connect_timeout=0.3,
+            )
+    assert failed(record) == "timeout" and "connect" in record["message"]
+    assert time.monotonic() - started < 2
+
+
+def test_https_goes_through_the_same_address_check(internal):
+    record, _ = download(f"https://127.0.0.1:{internal.port}/secret.jpg")
+    assert failed(record) == "blocked_address"
+
+
+@pytest.mark.parametrize("path", ["/big", "/404", "/500", "/noai.jpg", "/loop"])
+def test_failed_responses_never_poison_the_pool(hostile, path):
+    options = {"max_bytes": 1_000_000, "respect_robots_tag": True}  # same options, same pool
+    assert failed(download(hostile.url(path), hostile, **options)[0])
     for _ in range(3):
         record, item = download(hostile.url("/ok.jpg"), hostile, **options)
         assert record["status"] == "ok" and item.data == IMAGE
