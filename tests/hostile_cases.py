@@ -157,6 +157,7 @@ def add_hostile_routes(server: TestServer, internal: TestServer) -> None:
     ok = server.routes["/ok.jpg"]
     add("/404", misbehave.status(404))
     add("/500", misbehave.status(500))
+    add("/408", misbehave.status(408))
     add("/429", misbehave.status(429, {"Retry-After": "3600"}))
     add("/flaky", misbehave.flaky(2, misbehave.status(503), ok))
     add("/loop", misbehave.redirect("/loop"))

@@ -155,11 +155,12 @@ def test_404_is_not_retried(hostile):
     assert hostile.hits["/404"] == before + 1
 
 
-def test_500_is_retried_then_recorded(hostile):
-    before = hostile.hits.get("/500", 0)
-    record, _ = download(hostile.url("/500"), hostile, retries=2)
-    assert failed(record) == "http_5xx" and record["attempts"] == 3
-    assert hostile.hits["/500"] == before + 3
+@pytest.mark.parametrize(("path", "reason"), [("/500", "http_5xx"), ("/408", "http_4xx")])
+def test_transient_statuses_are_retried_then_recorded(hostile, path, reason):
+    before = hostile.hits.get(path, 0)
+    record, _ = download(hostile.url(path), hostile, retries=2)
+    assert failed(record) == reason and record["attempts"] == 3
+    assert hostile.hits[path] == before + 3
 
 
 def test_flaky_server_then_ok(hostile):
