@@ -28,6 +28,7 @@ from urllib3.exceptions import (
 )
 
 from pipeline.errors import ItemError
+from pipeline.stages.base import Record
 from pipeline.stages.download.deadline import Deadline, watch_current
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.download.policy import (
@@ -38,7 +39,7 @@ from pipeline.stages.download.policy import (
 )
 
 CHUNK = 64 * 1024
-RETRY_STATUSES = {408, 429}
+TRANSIENT_STATUSES = {408, 429}  # retried, like every 5xx
 
 
 class RetryableError(Exception):
@@ -145,19 +146,20 @@ class HttpFetcher:
         self.retry = RetryPolicy(options.backoff, options.backoff_max, options.retry_after_max)
         self.slots = HostSlots(options.per_host)
         self.headers = {"User-Agent": options.user_agent}
+        self.redirect_schemes = {"http", "https"} & set(options.allow_schemes)
 
-    def fetch(self, url: str, record: dict) -> bytes:
+    def fetch(self, url: str, record: Record) -> bytes:
         """The body of `url`, retrying what is worth retrying; `record["attempts"]` counts."""
-        attempts = self.options.retries + 1
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             record["attempts"] = attempt
             try:
                 return self._attempt(url)
             except RetryableError as failure:
-                if attempt == attempts:
+                if attempt > self.options.retries:
                     raise failure.error from None
                 time.sleep(self.retry.delay(attempt, failure.retry_after))
-        raise AssertionError("unreachable")
+            attempt += 1
 
     def _attempt(self, url: str) -> bytes:
         with self.slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
@@ -181,9 +183,7 @@ class HttpFetcher:
                 return self._checked(response)
             _discard(response)
             url = urljoin(url, location)
-            if urlsplit(url).scheme.lower() not in {"http", "https"} & {
-                *self.options.allow_schemes
-            }:
+            if urlsplit(url).scheme.lower() not in self.redirect_schemes:
                 raise ItemError("blocked_scheme", f"redirect to a blocked scheme: {url[:200]}")
             if url in seen:
                 raise ItemError("too_many_redirects", f"redirect loop back to {url[:200]}")
@@ -192,26 +192,16 @@ class HttpFetcher:
 
     def _checked(self, response: urllib3.BaseHTTPResponse) -> urllib3.BaseHTTPResponse:
         """The response if its status and headers allow reading the body; else raise."""
-        status = response.status
-        if 200 <= status < 300:
+        try:
+            error = status_error(response.status, response.headers.get("Retry-After"))
+            if error:
+                raise error
             if self.options.respect_robots_tag:
-                try:
-                    check_robots_tag(response.headers.getlist("X-Robots-Tag"))
-                except ItemError:
-                    _discard(response)
-                    raise
-            return response
-        _discard(response)
-        retry_after = response.headers.get("Retry-After")
-        if status == 429:
-            raise RetryableError(ItemError("rate_limited", "HTTP 429"), retry_after)
-        if status >= 500:
-            raise RetryableError(ItemError("http_5xx", f"HTTP {status}"), retry_after)
-        if status in RETRY_STATUSES:
-            raise RetryableError(ItemError("http_4xx", f"HTTP {status}"), retry_after)
-        if status >= 400:
-            raise ItemError("http_4xx", f"HTTP {status}")
-        raise ItemError("protocol_error", f"unexpected HTTP {status}")
+                check_robots_tag(response.headers.getlist("X-Robots-Tag"))
+        except Exception:
+            _discard(response)
+            raise
+        return response
 
     def _read(self, response: urllib3.BaseHTTPResponse, deadline: Deadline) -> bytes:
         try:
@@ -224,6 +214,18 @@ class HttpFetcher:
             raise RetryableError(ItemError("timeout", f"over {self.options.timeout}s in total"))
         response.release_conn()  # fully read: the connection may be reused
         return data
+
+
+def status_error(status: int, retry_after: str | None) -> Exception | None:
+    """The failure a final (non-redirect) status means, or None for 2xx."""
+    if 200 <= status < 300:
+        return None
+    if status in TRANSIENT_STATUSES or status >= 500:
+        reason = "rate_limited" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
+        return RetryableError(ItemError(reason, f"HTTP {status}"), retry_after)
+    if status >= 400:
+        return ItemError("http_4xx", f"HTTP {status}")
+    return ItemError("protocol_error", f"unexpected HTTP {status}")
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:
