@@ -64,6 +64,13 @@ def hidden_colour_rgba() -> Image.Image:
     return image
 
 
+def colour_key() -> bytes:
+    """An RGB PNG whose tRNS chunk makes red transparent (left half red, right blue)."""
+    image = Image.new("RGB", (40, 20), BLUE)
+    image.paste(RED, (0, 0, 20, 20))
+    return encode(image, "PNG", transparency=RED)
+
+
 def palette_with_transparency() -> bytes:
     """A GIF whose transparent palette index is red, the rest blue."""
     image = Image.new("P", (40, 20), 1)
@@ -142,6 +149,7 @@ def hostile_images() -> dict[str, tuple[bytes, str | None]]:
         "onebit.png": (encode(Image.new("1", (30, 20), 1), "PNG"), None),
         "la.png": (encode(Image.new("LA", (30, 20), (0, 0)), "PNG"), None),
         "palette-transparent.gif": (palette_with_transparency(), None),
+        "colour-key.png": (colour_key(), None),
         "hidden-colour.png": (png_bytes(hidden_colour_rgba()), None),
         "wide.png": (png_bytes(Image.new("RGB", (20000, 10), BLUE)), None),
         "dot.png": (png_bytes(Image.new("RGB", (1, 1), RED)), None),

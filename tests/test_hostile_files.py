@@ -71,7 +71,9 @@ def test_animated_gives_the_first_frame():
     assert tuple(pixels("animated.gif")[10, 15]) == BLUE
 
 
-@pytest.mark.parametrize("name", ["hidden-colour.png", "palette-transparent.gif", "la.png"])
+@pytest.mark.parametrize(
+    "name", ["hidden-colour.png", "palette-transparent.gif", "colour-key.png", "la.png"]
+)
 def test_transparent_pixels_never_show_hidden_colour(name):
     image = pixels(name)
     assert tuple(image[10, 5]) == WHITE  # transparent: the background, not red/black

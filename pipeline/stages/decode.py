@@ -56,14 +56,14 @@ class DecodeOptions(Options):
         description="Images with more pixels fail as decompression_bomb, before decoding",
     )
 
+    draft: bool = Field(True, description="Decode JPEGs at reduced scale when consumers allow")
+
     @field_validator("formats", mode="before")
     @classmethod
     def _upper(cls, formats: object) -> object:
         if isinstance(formats, list | tuple):
             return tuple(str(name).upper() for name in formats)
         return formats
-
-    draft: bool = Field(True, description="Decode JPEGs at reduced scale when consumers allow")
 
 
 @register("decode")
@@ -156,21 +156,23 @@ def orient(image: Image.Image) -> Image.Image:
 
 
 def normalize(image: Image.Image) -> Image.Image:
-    """Convert any mode to RGB, RGBA or L without losing alpha or clipping 16-bit data."""
+    """Convert any mode to RGB, RGBA or L without losing alpha or clipping 16-bit data.
+
+    Transparency (an alpha band, a palette entry or an RGB/L colour key) becomes
+    an alpha band, so no colour hidden under transparent pixels can show.
+    """
     mode = image.mode
-    if mode in ("RGB", "RGBA", "L"):
-        return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _to_8bit_gray(image)
-    if mode == "1":
-        return image.convert("L")
-    if (mode == "P" and "transparency" in image.info) or mode in ("LA", "PA", "La", "RGBa"):
+    if "transparency" in image.info or mode in ("LA", "PA", "La", "RGBa"):
         return image.convert("RGBA")
-    return image.convert("RGB")
+    if mode in ("RGB", "RGBA", "L"):
+        return image
+    return image.convert("L" if mode == "1" else "RGB")
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
     array = np.asarray(image, dtype=np.float64)
     top = 65535.0 if image.mode != "F" else max(float(array.max()), 1.0)
     scaled = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled, mode="L")
+    return Image.fromarray(scaled)  # 2-D uint8: mode L
