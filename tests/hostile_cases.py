@@ -183,6 +183,9 @@ def add_hostile_routes(server: TestServer, internal: TestServer) -> None:
     add("/endless", misbehave.endless_body())
     add("/gzip-bomb", misbehave.gzip_bomb(64_000_000))
     add("/reset", misbehave.reset())
+    add("/not-http", misbehave.raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+    many = b"".join(b"X-Junk-%d: %d\r\n" % (n, n) for n in range(1000))
+    add("/many-headers", misbehave.raw(b"HTTP/1.1 200 OK\r\n" + many + b"\r\n"))
     add("/liar", misbehave.short_body(b"x", missing=10**12))
     add("/big", lambda request: send_bytes(request, bytes(3_000_000), "image/jpeg"))
     robots = {"X-Robots-Tag": "otherbot: noindex, googlebot: noimageai"}

@@ -130,6 +130,16 @@ def gzip_bomb(decoded_size: int) -> Handler:
     return lambda request: send_bytes(request, payload, "image/jpeg", 200, headers)
 
 
+def raw(data: bytes) -> Handler:
+    """Send `data` as the whole answer (a broken status line, 1000 headers...), then close."""
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        request.wfile.write(data)
+        request.close_connection = True
+
+    return handle
+
+
 def reset() -> Handler:
     """Abort the connection with a TCP reset instead of an answer."""
 
