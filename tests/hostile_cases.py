@@ -194,5 +194,7 @@ def add_hostile_routes(server: TestServer, internal: TestServer) -> None:
     add("/png-as-html.jpg", lambda request: send_bytes(request, png, "text/html"))
     html = b"<html>not an image</html>"
     add("/html-as-jpeg.jpg", lambda request: send_bytes(request, html, "image/jpeg"))
-    evil = {"Content-Disposition": 'attachment; filename="../../../evil.jpg"'}
+    for traversal in ("/x/%2E%2E%2F%2E%2E%2Fescape.jpg", "/x/..%5C..%5Cwin.jpg"):
+        server.add_bytes(traversal, IMAGE)
+    evil = {"Content-Disposition": 'attachment; filename="../../evil.jpg"'}
     add("/disposition.jpg", lambda request: send_bytes(request, IMAGE, "image/jpeg", 200, evil))

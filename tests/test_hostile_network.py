@@ -322,6 +322,8 @@ NETWORK_OUTCOMES = {
     "/ok.jpg": None,
     "/png-as-html.jpg": None,
     "/disposition.jpg": None,
+    "/x/%2E%2E%2F%2E%2E%2Fescape.jpg": None,
+    "/x/..%5C..%5Cwin.jpg": None,
     "/html-as-jpeg.jpg": "not_an_image",
     "/404": "http_4xx",
     "/500": "http_5xx",
