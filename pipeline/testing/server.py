@@ -2,8 +2,9 @@
 
 Routes map a path to a handler; `add_bytes` serves fixed content. A handler
 gets the live `BaseHTTPRequestHandler` and may misbehave in any way a real
-server can (stall, drip bytes, lie about lengths, reset the connection).
-An optional `latency` delays every response, to model a distant server.
+server can; ready-made ones misbehave on demand: `status`, `redirect`, `flaky`,
+`drip_headers`, `drip_body`, `short_body`, `endless_body`, `gzip_bomb`, `raw`
+and `reset`. An optional `latency` delays every response, to model a distant server.
 """
 
 from __future__ import annotations
