@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -260,9 +261,33 @@ def test_connect_timeout():
     assert time.monotonic() - started < 2
 
 
-def test_https_goes_through_the_same_address_check(internal):
-    record, _ = download(f"https://127.0.0.1:{internal.port}/secret.jpg")
-    assert failed(record) == "blocked_address"
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory, internal):
+    """An https server with a self-signed certificate for 127.0.0.1, and that certificate."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1"
+    san = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(["openssl", *request.split(), *san, *files], check=True, capture_output=True)
+    with TestServer(certificate=(str(cert), str(key))) as server:
+        server.add_bytes("/ok.jpg", IMAGE)
+        server.add("/slow-body", misbehave.drip_body(IMAGE, 0.01))
+        server.add("/to-internal", misbehave.redirect(internal.url("/secret.jpg")))
+        yield server, cert
+
+
+def test_https_under_the_same_policy(tls, internal, monkeypatch):
+    server, cert = tls
+    assert failed(download(server.url("/ok.jpg"))[0]) == "blocked_address"
+    assert failed(download(server.url("/ok.jpg"), server)[0]) == "connection_error"  # untrusted
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it from now on
+    record, item = download(server.url("/ok.jpg"), server, user_agent="tls-test")
+    assert record["status"] == "ok" and item.data == IMAGE
+    assert failed(download(server.url("/slow-body"), server)[0]) == "timeout"  # cut under TLS
+    assert failed(download(server.url("/to-internal"), server)[0]) == "blocked_address"
 
 
 @pytest.mark.parametrize("path", ["/big", "/404", "/500", "/noai.jpg", "/loop"])

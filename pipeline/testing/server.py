@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -165,12 +166,18 @@ class TestServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, latency: float = 0.0):
+    def __init__(self, latency: float = 0.0, certificate: tuple[str, str] | None = None):
+        """`certificate` (cert file, key file) makes it an https server."""
         self.routes: dict[str, Handler] = {}
         self.latency = latency
         self.hits: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
+        self.scheme = "https" if certificate else "http"
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -179,7 +186,7 @@ class TestServer:
         return self._server.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def add_bytes(self, path: str, data: bytes, content_type: str = "image/jpeg") -> str:
         self.routes[path] = lambda request: send_bytes(request, data, content_type)
