@@ -85,6 +85,7 @@ REASONS: dict[str, str] = {
     "disallowed": "the server asked not to use the image (X-Robots-Tag)",
     "not_regular_file": "a local input is a directory, FIFO, device or dangling link",
     "not_found": "the file or URL does not exist",
+    "outside_root": "a local path (or its symlink target) is outside `local_root`",
     "duplicate": "the same key appeared earlier in this batch",
     "transform_error": "a transform could not process the image",
     "write_error": "the output could not be written",
