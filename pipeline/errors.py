@@ -88,6 +88,7 @@ REASONS: dict[str, str] = {
     "disallowed": "the server asked not to use the image (X-Robots-Tag)",
     "not_regular_file": "a local input is a directory, FIFO, device or dangling link",
     "not_found": "the file or URL does not exist",
+    "outside_root": "a local path (or its symlink target) is outside `local_root`",
     "duplicate": "the same key appeared earlier in this batch",
     "unchanged": "skipped: done in an earlier run with the same config",
     "transform_error": "a transform could not process the image",

@@ -8,7 +8,6 @@ history; the exit code it carries follows `pipeline.errors`.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,12 +15,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_config
+from pipeline.config import load_document, validate_job
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
 from pipeline.execution.backends import Backend, backend_class
 from pipeline.execution.engine import OnRecords, execute, plan_partitions
 from pipeline.execution.worker import sinks_below
-from pipeline.plan import Plan, build_plan
+from pipeline.logs import logger
+from pipeline.plan import Plan, build_plan, stage_problems
 from pipeline.stages.base import Partition, Record
 from pipeline.state.history import append_history, new_run_id
 from pipeline.state.incremental import Incremental, Policy
@@ -37,7 +37,7 @@ from pipeline.state.results import (
 )
 from pipeline.state.rundir import MANIFEST_FILE, log_file, remove_stale_temp_files, sink_folders
 
-log = logging.getLogger("pipeline.run")
+log = logger("run")
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,18 @@ class RunRequest:
 
 
 def prepare(request: RunRequest) -> tuple[Plan, Backend]:
-    """Load, validate and plan; raise ConfigError naming every problem."""
-    job, doc = load_config(request.config, request.all_overrides())
-    plan = build_plan(job, doc)
-    try:
-        cls = backend_class(job.backend.kind)
-    except ConfigError as exc:
-        raise ConfigError(doc.problem(("backend", "kind"), str(exc))) from None
-    return plan, cls(job.backend)
+    """Load, validate and plan; raise one ConfigError naming every problem."""
+    doc = load_document(request.config, request.all_overrides())
+    job, problems = validate_job(doc)
+    cls = None
+    if job is not None:
+        try:
+            cls = backend_class(job.backend.kind)
+        except ConfigError as exc:
+            problems.append(doc.problem(("backend", "kind"), str(exc)))
+    if job is None or cls is None:
+        raise ConfigError(problems + stage_problems(doc))
+    return build_plan(job, doc), cls(job.backend)
 
 
 def run(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import logs
 from pipeline.plan import Plan
 from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX
 
@@ -14,9 +15,8 @@ MANIFEST_FILE = "manifest.sqlite"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 LOG_FILE = "pipeline.log"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
-log = logging.getLogger("pipeline.state")
+log = logs.logger("state")
 
 
 def sink_folders(plan: Plan) -> list[Path]:
@@ -44,24 +44,27 @@ def remove_stale_temp_files(folders: list[Path]) -> int:
 
 @contextmanager
 def log_file(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
-    """While inside, also append the `pipeline` loggers' lines to `RUN_DIR/pipeline.log`.
+    """While inside, also append the `pipeline` log lines (INFO and up) to RUN_DIR/pipeline.log.
 
-    INFO and above go to the file; what reaches stderr is the CLI's business.
+    The console keeps the verbosity the CLI chose: its handlers get the logger's old level.
     """
     if not enabled:
         yield
         return
-    logger = logging.getLogger("pipeline")
-    handler = logging.FileHandler(Path(run_dir) / LOG_FILE, encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S%z"))
-    level = logger.level
-    if level == logging.NOTSET or level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
+    root = logs.logger()
+    level = root.getEffectiveLevel()
+    quieter = [h for h in root.handlers if h.level == logging.NOTSET]
+    for handler in quieter:
+        handler.setLevel(level)
+    file_handler = logs.add_handler(
+        logging.FileHandler(Path(run_dir) / LOG_FILE, encoding="utf-8"), logging.INFO
+    )
+    root.setLevel(min(level, logging.INFO))
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        handler.close()
+        root.removeHandler(file_handler)
+        file_handler.close()
+        root.setLevel(level)
+        for handler in quieter:
+            handler.setLevel(logging.NOTSET)
