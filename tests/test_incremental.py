@@ -13,7 +13,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.execution.runner import RunRequest, run
 from pipeline.plan import build_plan
+from pipeline.stages.base import SourceItem
 from pipeline.state.lineage import sink_fingerprints
+from pipeline.state.manifest import Attempt, Manifest
 from pipeline.testing.images import photo, png_bytes
 from tests.conftest import REPO
 from tests.test_backends import JOB, outputs, records
@@ -235,3 +237,18 @@ def test_runs_and_status_commands(write_config, url_list, tmp_path, capsys):
 
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_a_failed_item_is_done_only_for_the_sinks_that_wrote(tmp_path):
+    attempt = Attempt({"a": "new-a", "b": "new-b"}, "attempt")
+    record = SourceItem(1, "http://example.invalid/x.jpg").new_record()
+    record.update(status="failed", stage="b", reason="write_error", message="disk says no")
+    record["sink_outputs"] = {"a": ["a/x.jpg"]}
+    with Manifest(tmp_path / "m.sqlite") as manifest:
+        earlier = {**record, "status": "ok", "sink_outputs": {"b": ["b/x.jpg"]}}
+        manifest.commit([earlier], {record["key"]: Attempt({"b": "old-b"}, "x")}, "run-1")
+        manifest.commit([record], {record["key"]: attempt}, "run-2")
+        entry = manifest.lookup(record["key"])
+    assert entry is not None and (entry.status, entry.reason) == ("failed", "write_error")
+    # a wrote under the new config; b's file is still the one written under the old one.
+    assert entry.sinks == {"a": ("new-a", ["a/x.jpg"]), "b": ("old-b", ["b/x.jpg"])}

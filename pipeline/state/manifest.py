@@ -156,16 +156,18 @@ class Manifest:
                         now,
                     ),
                 )
-                if record["status"] == "ok":
-                    self._mark_done(record, attempt)
+                self._mark_done(record, attempt)
 
     def _mark_done(self, record: Record, attempt: Attempt) -> None:
+        """An ok item is done for every sink it was sent to; a failed one for those that
+        wrote (their files now follow the new config), the others keep their old rows."""
         outputs = record.get("sink_outputs", {})
         self.db.executemany(
             "INSERT OR REPLACE INTO sinks VALUES (?, ?, ?, ?)",
             [
                 (record["key"], sink, fingerprint, json.dumps(outputs.get(sink, [])))
                 for sink, fingerprint in attempt.sinks.items()
+                if record["status"] == "ok" or sink in outputs
             ],
         )
 
