@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.execution.runner import RunRequest, run
 from pipeline.plan import build_plan
@@ -19,6 +18,7 @@ from pipeline.state.manifest import Attempt, Manifest
 from pipeline.testing.images import photo, png_bytes
 from tests.conftest import REPO
 from tests.test_backends import JOB, outputs, records
+from tests.test_lock import cli
 
 SINK_FOLDERS = ("small", "large")
 
@@ -215,11 +215,11 @@ def test_nightly_config_runs_incrementally(tmp_path, monkeypatch):
 def test_runs_and_status_commands(write_config, url_list, tmp_path, capsys):
     out = tmp_path / "out"
     config = job(write_config, url_list, out)
-    assert main(["run", str(config)]) == 1  # 3 items fail
-    assert main(["run", str(config)]) == 0  # nothing left to retry
+    assert cli("run", str(config)) == 1  # 3 items fail
+    assert cli("run", str(config)) == 0  # nothing left to retry
     capsys.readouterr()
 
-    assert main(["runs", str(out)]) == 0
+    assert cli("runs", str(out)) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["run", "started", "wall", "s"]
     assert [line.split()[3:7] for line in table[1:]] == [
@@ -227,7 +227,7 @@ def test_runs_and_status_commands(write_config, url_list, tmp_path, capsys):
         ["0", "0", "0", "16"],
     ]
 
-    assert main(["status", str(out)]) == 0
+    assert cli("status", str(out)) == 0
     status = capsys.readouterr().out
     assert "16 items" in status
     assert [line.split() for line in status.splitlines() if "http_4xx" in line] == [
@@ -235,7 +235,7 @@ def test_runs_and_status_commands(write_config, url_list, tmp_path, capsys):
     ]
     assert "done for sink write_small: 13" in status
 
-    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert cli("status", str(tmp_path / "nowhere")) == 2
     assert "no manifest" in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from pipeline import logs
 from pipeline.cli import main
 from pipeline.errors import RunIncompleteError
 from pipeline.execution.runner import RunRequest, run
@@ -22,6 +23,17 @@ from tests.test_backends import JOB
 from tests.test_crash_resume import manifest_items, slow_urls, start_run, wait_for
 
 __all__ = ["slow_urls"]  # a module fixture, shared with the crash test
+
+
+def cli(*argv: str) -> int:
+    """`python -m pipeline ARGV` in this process; its console log handler goes with it
+    (it writes to this test's captured stderr, which is closed after the test)."""
+    try:
+        return main(list(argv))
+    finally:
+        root = logs.logger()
+        for handler in [h for h in root.handlers if getattr(h, "_pipeline_console", False)]:
+            root.removeHandler(handler)
 
 
 def tree_state(folder):
@@ -37,7 +49,7 @@ def test_a_held_lock_exits_3_and_touches_nothing(write_config, url_list, tmp_pat
     run(RunRequest(config=config))
     with RunLock(out):
         before = tree_state(out)
-        assert main(["run", str(config)]) == 3
+        assert cli("run", str(config)) == 3
         assert tree_state(out) == before
     assert "another run of this job holds" in capsys.readouterr().err
 
@@ -71,7 +83,7 @@ def test_output_under_a_file_exits_4_and_marks_nothing_done(write_config, url_li
     config = write_config(text)
     with pytest.raises(RunIncompleteError, match="Not a directory"):
         run(RunRequest(config=config))
-    assert main(["run", str(config)]) == 4
+    assert cli("run", str(config)) == 4
     with sqlite3.connect(out / "manifest.sqlite") as db:
         assert db.execute("SELECT count(*) FROM items WHERE status = 'ok'").fetchone() == (0,)
     report = json.loads((out / "report.json").read_text())
