@@ -15,7 +15,9 @@ from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.stages.base import Record
 
 # Errors that no other item could avoid either: stop the run instead of failing every item.
-FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+# Names of the temp files `atomic_write` renames into place; a killed run may leave some.
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_STEM = 40
@@ -39,7 +41,7 @@ def output_name(record: Record, extension: str, suffix: str = "") -> str:
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
