@@ -136,6 +136,8 @@ class DistributedBackend(Backend):
         return self.config.max_in_flight or 2 * self.threads
 
     def describe(self) -> str:
+        if self.address and self.client is None:  # its size is known once connected
+            return f"distributed on {self.address}"
         where = self.address or "a LocalCluster"
         return f"distributed on {where} ({self.workers} workers, {self.threads} threads)"
 
