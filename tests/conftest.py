@@ -43,20 +43,6 @@ def image_server():
         yield server
 
 
-STANDARD_PATHS = [f"/img/{i}.jpg" for i in range(12)] + [
-    "/img/alpha.png",
-    "/missing.jpg",
-    "/img/corrupt.jpg",
-    "/img/page.jpg",
-]
-
-
-def write_url_list(path: Path, server: TestServer) -> Path:
-    """Write `server`'s standard URLs (good images, a 404, a corrupt JPEG, HTML) to `path`."""
-    path.write_text("\n".join(server.url(p) for p in STANDARD_PATHS) + "\n")
-    return path
-
-
 @pytest.fixture
 def url_list(tmp_path, image_server):
     """A URL list with good images, a 404, a corrupt JPEG and HTML."""
