@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 RUN_FLAGS := $(if $(BACKEND),--backend $(BACKEND)) $(if $(WORKERS),--workers $(WORKERS)) \
              $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean bench bench-scale
 
 setup: $(STAMP)
 
@@ -32,12 +32,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests configs
-	$(BIN)/ruff format --check pipeline tests configs
+	$(BIN)/ruff check pipeline tests configs bench
+	$(BIN)/ruff format --check pipeline tests configs bench
 
 format: $(STAMP)
-	$(BIN)/ruff format pipeline tests configs
-	$(BIN)/ruff check --fix pipeline tests configs
+	$(BIN)/ruff format pipeline tests configs bench
+	$(BIN)/ruff check --fix pipeline tests configs bench
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+# The side-by-side benchmark (a script, not a test): COUNT images, table + bench/results/.
+COUNT ?= 2000
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --count $(COUNT) $(BENCH_ARGS)

@@ -1,0 +1,156 @@
+"""One measurement, run in a fresh process: `python -m bench.measure SPEC_JSON`.
+
+A fresh process per measurement keeps caches, pools and memory from one run
+out of the next. It prints one JSON line: wall seconds, images done, CPU
+seconds of this process and its children, the client's peak RSS and the peak
+RSS of its whole process tree (sampled).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import references
+
+SAMPLE_SECONDS = 0.1
+
+
+class TreeMemory:
+    """Samples the RSS of this process plus all its descendants; keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(SAMPLE_SECONDS):
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its finished children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: unlike ru_maxrss, not inherited via exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `work` and add wall time, CPU time and memory to what it returns."""
+    cpu_before = cpu_seconds()
+    with TreeMemory() as memory:
+        started = time.perf_counter()
+        result = work()
+        wall = time.perf_counter() - started
+    return {
+        **result,
+        "wall": wall,
+        "cpu": cpu_seconds() - cpu_before,
+        "client_rss": peak_rss(),
+        "tree_rss": memory.peak,
+    }
+
+
+def read_lines(path: str) -> list[str]:
+    return Path(path).read_text().split()
+
+
+def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """The standard thumbnail job on `spec['backend']`, with `spec['set']` overrides."""
+    from pipeline.execution.runner import RunRequest, run
+
+    config = scratch / "job.yaml"
+    config.write_text(
+        "name: bench\n"
+        f"backend: {{kind: {spec['backend']}}}\n"
+        f"partition_size: {spec.get('partition_size', 16)}\n"
+        f"output: {scratch / 'out'}\n"
+        "stages:\n"
+        f"  urls: {{kind: url_list, path: {spec['urls']}}}\n"
+        "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1]}\n"
+        "  decode: {kind: decode, input: download}\n"
+        "  thumb: {kind: thumbnail, input: decode, size: [256, 256]}\n"
+        "  write: {kind: write_images, input: thumb, path: images, format: jpeg, quality: 85}\n"
+    )
+    progress: list[tuple[float, int]] = []
+
+    def on_progress(stats: Any) -> None:
+        progress.append((time.perf_counter(), sum(stats.statuses.values())))
+
+    started = time.perf_counter()
+    report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
+    return {
+        "images": report["counts"]["ok"],
+        "failed": report["counts"]["failed"],
+        "failures": report["failures_by_reason"],
+        "stage_seconds": report["stage_seconds"],
+        "first_record": progress[0][0] - started if progress else None,
+        "steady_rate": _steady_rate(progress),
+    }
+
+
+def _steady_rate(progress: list[tuple[float, int]]) -> float | None:
+    """Images/s between the first and the last partition (startup excluded)."""
+    if len(progress) < 3:
+        return None
+    (first_time, first_count), (last_time, last_count) = progress[0], progress[-1]
+    return (last_count - first_count) / max(last_time - first_time, 1e-9)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    kind = spec["kind"]
+    with tempfile.TemporaryDirectory(dir=spec["scratch"]) as folder:
+        scratch = Path(folder)
+        if kind == "ceiling":
+            corpus = [Path(path).read_bytes() for path in read_lines(spec["files"])]
+            return timed(lambda: {"images": references.ceiling(corpus, spec["workers"])})
+        if kind == "tutorial":
+            urls = read_lines(spec["urls"])
+            return timed(
+                lambda: {"images": references.tutorial(urls, scratch / "out", spec["workers"])}
+            )
+        if kind == "download":
+            urls = read_lines(spec["urls"])
+            return timed(lambda: {"images": len(urls), "bytes": references.download_only(urls)})
+        if kind == "pipeline":
+            return timed(lambda: pipeline_job(spec, scratch))
+    raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
