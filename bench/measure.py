@@ -8,6 +8,7 @@ RSS of its whole process tree (sampled).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -38,10 +39,8 @@ class TreeMemory:
         while not self._stop.wait(SAMPLE_SECONDS):
             total = 0
             for process in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):  # it may have just exited
                     total += process.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
 
     def __enter__(self) -> TreeMemory:
