@@ -47,3 +47,7 @@ COUNT ?= 2000
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --count $(COUNT) $(BENCH_ARGS)
+
+# Long inputs: 100,000 items vs 2,000 (rate, client RSS) and a 1,000,000-line list's start-up.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale --count $(COUNT) $(BENCH_ARGS)

@@ -23,7 +23,7 @@ import psutil
 
 from bench import references
 
-SAMPLE_SECONDS = 0.1
+SAMPLE_SECONDS = 0.25
 
 
 class TreeMemory:
@@ -50,6 +50,17 @@ class TreeMemory:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU of this process and its live descendants, so far."""
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def cpu_seconds() -> float:
@@ -89,6 +100,10 @@ def read_lines(path: str) -> list[str]:
     return Path(path).read_text().split()
 
 
+class FirstRecords(Exception):
+    """Stops a run as soon as its first records are in (the start-up measurement)."""
+
+
 def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """The standard thumbnail job on `spec['backend']`, with `spec['set']` overrides."""
     from pipeline.execution.runner import RunRequest, run
@@ -106,29 +121,41 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
         "  thumb: {kind: thumbnail, input: decode, size: [256, 256]}\n"
         "  write: {kind: write_images, input: thumb, path: images, format: jpeg, quality: 85}\n"
     )
-    progress: list[tuple[float, int]] = []
+    progress: list[tuple[float, int, float]] = []
 
     def on_progress(stats: Any) -> None:
-        progress.append((time.perf_counter(), sum(stats.statuses.values())))
+        progress.append((time.perf_counter(), sum(stats.statuses.values()), tree_cpu_seconds()))
+        if spec.get("stop_after_first"):
+            raise FirstRecords
 
     started = time.perf_counter()
-    report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
+    try:
+        report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
+    except FirstRecords:
+        return {"images": progress[0][1], "first_record": progress[0][0] - started}
     return {
         "images": report["counts"]["ok"],
         "failed": report["counts"]["failed"],
         "failures": report["failures_by_reason"],
         "stage_seconds": report["stage_seconds"],
         "first_record": progress[0][0] - started if progress else None,
-        "steady_rate": _steady_rate(progress),
+        **_steady(progress),
     }
 
 
-def _steady_rate(progress: list[tuple[float, int]]) -> float | None:
-    """Images/s between the first and the last partition (startup excluded)."""
+def _steady(progress: list[tuple[float, int, float]]) -> dict[str, float]:
+    """Images/s and CPU-s/image between the first and the last partition (startup excluded)."""
     if len(progress) < 3:
-        return None
-    (first_time, first_count), (last_time, last_count) = progress[0], progress[-1]
-    return (last_count - first_count) / max(last_time - first_time, 1e-9)
+        return {}
+    (first_time, first_count, first_cpu), (last_time, last_count, last_cpu) = (
+        progress[0],
+        progress[-1],
+    )
+    images = max(last_count - first_count, 1)
+    return {
+        "steady_rate": images / max(last_time - first_time, 1e-9),
+        "steady_cpu_per_image": (last_cpu - first_cpu) / images,
+    }
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

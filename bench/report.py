@@ -13,37 +13,48 @@ COLUMNS = (
     ("run", "{:<34}"),
     ("img/s", "{:>7.1f}"),
     ("steady", "{:>7}"),
-    ("CPU s/img", "{:>9.4f}"),
+    ("CPU ms/img", "{:>10.2f}"),
+    ("steady CPU", "{:>10}"),
     ("srv ms/img", "{:>10.2f}"),
     ("client MiB", "{:>10.0f}"),
     ("tree MiB", "{:>8.0f}"),
     ("x ceiling", "{:>9.2f}"),
+    ("x ceiling CPU", "{:>13.2f}"),
     ("x tutorial", "{:>10.2f}"),
 )
 
 
-def derive(rows: list[dict[str, Any]], ceiling: float, tutorial: float | None) -> None:
-    """Add rates and ratios to each measured row, in place."""
+def derive(
+    rows: list[dict[str, Any]], ceiling: float, ceiling_cpu: float, tutorial: float | None
+) -> None:
+    """Add rates and ratios to each measured row, in place.
+
+    `x ceiling` compares throughput; `x ceiling CPU` compares CPU per image (steady
+    state where known), which other load on the machine disturbs far less."""
     for row in rows:
         images = max(row["images"], 1)
         row["rate"] = row["images"] / row["wall"]
         row["cpu_per_image"] = row["cpu"] / images
         row["server_ms_per_image"] = 1000 * row.get("server_cpu", 0.0) / images
         row["vs_ceiling"] = row["rate"] / ceiling
+        row["vs_ceiling_cpu"] = ceiling_cpu / row.get("steady_cpu_per_image", row["cpu_per_image"])
         row["vs_tutorial"] = row["rate"] / tutorial if tutorial else None
 
 
 def _cells(row: dict[str, Any]) -> list[Any]:
     steady = f"{row['steady_rate']:.1f}" if row.get("steady_rate") else "-"
+    steady_cpu = row.get("steady_cpu_per_image")
     return [
         row["label"],
         row["rate"],
         steady,
-        row["cpu_per_image"],
+        1000 * row["cpu_per_image"],
+        f"{1000 * steady_cpu:.2f}" if steady_cpu else "-",
         row["server_ms_per_image"],
         row["client_rss"] / MIB,
         row["tree_rss"] / MIB,
         row["vs_ceiling"],
+        row["vs_ceiling_cpu"],
         row["vs_tutorial"] or 0.0,
     ]
 

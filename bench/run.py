@@ -67,6 +67,13 @@ def lever_measurements() -> list[dict[str, Any]]:
 
     return [
         lever("decode draft off", "0ms", set=["stages.decode.draft=false"]),
+        lever("4 workers on 2 cores", "0ms", set=["backend.workers=4"]),
+        lever("4 workers on 2 cores, 50ms", "50ms", set=["backend.workers=4"]),
+        {
+            **lever("distributed 2 threads/worker", "0ms", set=["backend.threads_per_worker=2"]),
+            "backend": "distributed",
+        },
+        {**lever("threads, 4 workers", "0ms", set=["backend.workers=4"]), "backend": "threads"},
         lever("partition_size 2", "0ms", partition_size=2),
         lever("partition_size 64", "0ms", partition_size=64),
         lever("concurrency 1, 50ms", "50ms", set=["stages.download.concurrency=1"]),
@@ -145,8 +152,10 @@ def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, w
     ceilings = [r["images"] / r["wall"] for r in rows if r["kind"] == "ceiling"]
     tutorials = [r["images"] / r["wall"] for r in rows if r["kind"] == "tutorial"]
     ceiling = sum(ceilings) / len(ceilings) if ceilings else 1.0
+    ceiling_cpus = [r["cpu"] / r["images"] for r in rows if r["kind"] == "ceiling"]
+    ceiling_cpu = sum(ceiling_cpus) / len(ceiling_cpus) if ceiling_cpus else 1.0
     tutorial = tutorials[0] if tutorials else None
-    report.derive(rows, ceiling, tutorial)
+    report.derive(rows, ceiling, ceiling_cpu, tutorial)
     text = report.table(rows)
     print(text)
     meta = {
@@ -156,6 +165,7 @@ def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, w
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
         "ceiling_rate": ceiling,
+        "ceiling_cpu_per_image": ceiling_cpu,
         "tutorial_rate": tutorial,
         "bench_seconds": wall,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
