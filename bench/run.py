@@ -13,11 +13,14 @@ reported separately (`srv ms/img`). Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -77,8 +80,14 @@ def lever_measurements() -> list[dict[str, Any]]:
         lever("partition_size 2", "0ms", partition_size=2),
         lever("partition_size 64", "0ms", partition_size=64),
         lever("concurrency 1, 50ms", "50ms", set=["stages.download.concurrency=1"]),
-        lever("concurrency 4, 50ms", "50ms", set=["stages.download.concurrency=4"]),
     ]
+
+
+def scratch_folder() -> Path:
+    """A fresh folder for this run's URL lists and outputs (runs may overlap)."""
+    root = HERE / "corpus" / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root))
 
 
 def serve(stack: ExitStack, files: list[Path], latency: float) -> TestServer:
@@ -121,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workers = default_workers()
-    scratch = HERE / "corpus" / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_folder()
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     started = time.perf_counter()
     files = ensure_corpus(HERE / "corpus", args.count, workers)
     print(f"corpus: {len(files)} images ready in {time.perf_counter() - started:.1f}s", flush=True)

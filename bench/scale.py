@@ -12,14 +12,16 @@ the time until the first records of a `--lines`-line URL list come back.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench.corpus import ensure_corpus
-from bench.run import HERE, run_one, serve
+from bench.run import HERE, run_one, scratch_folder, serve
 from pipeline.execution.backends import default_workers
 from pipeline.testing.server import TestServer
 
@@ -45,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workers = default_workers()
-    scratch = HERE / "corpus" / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_folder()
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     files = ensure_corpus(HERE / "corpus", args.count, workers)
     rows: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
