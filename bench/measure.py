@@ -172,7 +172,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             )
         if kind == "download":
             urls = read_lines(spec["urls"])
-            return timed(lambda: {"images": len(urls), "bytes": references.download_only(urls)})
+            reuse = spec.get("reuse", True)
+            return timed(
+                lambda: {"images": len(urls), "bytes": references.download_only(urls, reuse)}
+            )
         if kind == "pipeline":
             return timed(lambda: pipeline_job(spec, scratch))
     raise ValueError(f"unknown measurement kind {kind!r}")

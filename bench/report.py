@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 MIB = 1024 * 1024
 COLUMNS = (
-    ("run", "{:<34}"),
+    ("run", "{:<36}"),
     ("img/s", "{:>7.1f}"),
     ("steady", "{:>7}"),
     ("CPU ms/img", "{:>10.2f}"),

@@ -69,6 +69,15 @@ def lever_measurements() -> list[dict[str, Any]]:
         return {"label": f"lever: {label}", **spec}
 
     return [
+        {
+            "label": "lever: download only, no reuse",
+            **{"kind": "download", "latency": "0ms", "reuse": False},
+        },
+        {
+            **lever("distributed, worker profiler off", "0ms"),
+            "backend": "distributed",
+            "env": {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"},
+        },
         lever("decode draft off", "0ms", set=["stages.decode.draft=false"]),
         lever("4 workers on 2 cores", "0ms", set=["backend.workers=4"]),
         lever("4 workers on 2 cores, 50ms", "50ms", set=["backend.workers=4"]),
@@ -109,6 +118,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     before = sum(me.cpu_times()[:2])
     completed = subprocess.run(
         [sys.executable, "-m", "bench.measure", json.dumps(spec)],
+        env={**os.environ, **spec.get("env", {})},
         capture_output=True,
         text=True,
         cwd=HERE.parent,
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec["urls"] = str(urls[spec["latency"]])
             row = run_one(spec)
             rows.append(row)
-            print(f"  {row['label']:<34} {row['images'] / row['wall']:8.1f} img/s", flush=True)
+            print(f"  {row['label']:<36} {row['images'] / row['wall']:8.1f} img/s", flush=True)
     return finish(args, rows, workers, time.perf_counter() - started)
 
 
