@@ -2,7 +2,8 @@
 
 * `ceiling`: the CPU ceiling. The JPEG bytes are already in memory; each core
   runs decode -> thumbnail -> encode in a tight loop, with Pillow's JPEG draft
-  mode scaling the decode to the final size. No network, no disk, no IPC.
+  mode scaling the decode to the final size (the smallest DCT scale that still
+  covers the fitted thumbnail). No network, no disk, no IPC.
 * `tutorial`: the classic approach: a ThreadPoolExecutor downloads (urllib,
   a new connection per request) and feeds a ProcessPoolExecutor that calls
   `Image.thumbnail` and saves the file.
@@ -23,6 +24,8 @@ from pathlib import Path
 import urllib3
 from PIL import Image
 
+from pipeline.stages.thumbnail import fit_inside
+
 BOX = (256, 256)
 QUALITY = 85
 
@@ -30,9 +33,10 @@ _corpus: list[bytes] = []
 
 
 def thumbnail_bytes(data: bytes) -> bytes:
-    """The ceiling's unit of work: draft-decode to the box, fit inside it, encode."""
+    """The ceiling's unit of work: decode scaled by DCT (draft) to the final size, fit
+    inside the box, encode."""
     image = Image.open(io.BytesIO(data))
-    image.draft("RGB", BOX)
+    image.draft("RGB", fit_inside(image.size, BOX))
     image.thumbnail(BOX, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=QUALITY)
