@@ -335,11 +335,15 @@ def test_user_agent_and_per_host_limit(hostile):
 
 # The whole pipeline on a hostile URL list, in a subprocess that reports its peak memory.
 
+# VmHWM, not ru_maxrss: ru_maxrss survives fork and exec, so it would count the RSS
+# of the pytest process that started this one; VmHWM belongs to this address space.
 PEAK_RSS = """
-import resource, sys
+import re, sys
+from pathlib import Path
 from pipeline.cli import main
 code = main(sys.argv[1:])
-print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
+print("peak_rss_mb", peak_kb // 1024, file=sys.stderr)
 sys.exit(code)
 """
 

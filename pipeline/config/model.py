@@ -28,10 +28,11 @@ class BackendConfig(Options):
 
     kind: str = Field("threads", description="sync | threads | processes | distributed")
     workers: PositiveInt | None = Field(
-        None, description="Worker threads/processes; default: cores"
+        None,
+        description="Worker threads/processes; default: 2 x cores (distributed: cores)",
     )
     threads_per_worker: PositiveInt | None = Field(
-        None, description="distributed only: threads in each worker process"
+        None, description="distributed only: threads in each worker process; default: 2"
     )
     address: str | None = Field(
         None, description="distributed only: scheduler address; none starts a LocalCluster"

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 TASK_RETRIES = 1  # distributed re-runs a task that raised (not item errors: those are records)
 CONNECT_TIMEOUT = "10s"
 WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may start empty)
+DEFAULT_THREADS_PER_WORKER = 2  # as workers_per_core: a second task hides the first's waits
+# The statistical profiler samples every worker thread: 6 % of CPU per image (bench).
+LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 def default_workers() -> int:
@@ -43,10 +46,13 @@ class Backend:
 
     name: ClassVar[str]
     dashboard_link: str | None = None  # a page showing the run live, where there is one
+    # A partition blocks on its first downloads and on writes; a second worker per core
+    # keeps the core busy meanwhile (bench: 1.4x images/s at 0 ms latency, 2.3x at 50 ms).
+    workers_per_core: ClassVar[int] = 2
 
     def __init__(self, config: BackendConfig):
         self.config = config
-        self.workers = config.workers or default_workers()
+        self.workers = config.workers or default_workers() * self.workers_per_core
         self._stack = ExitStack()
 
     @property
@@ -123,12 +129,13 @@ class DistributedBackend(Backend):
     """
 
     name = "distributed"
+    workers_per_core = 1  # one process per core, each with DEFAULT_THREADS_PER_WORKER threads
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
         self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         self.client: Client | None = None
-        self.threads = self.workers * (config.threads_per_worker or 1)
+        self.threads = self.workers * (config.threads_per_worker or DEFAULT_THREADS_PER_WORKER)
         self._run = secrets.token_hex(4)
 
     @property
@@ -152,18 +159,21 @@ class DistributedBackend(Backend):
 
     def _connect(self) -> Client:
         """A client of the scheduler at `address`, or of a new LocalCluster; closed on exit."""
+        import dask
         from distributed import Client, LocalCluster
 
         if not self.address:
-            cluster = self._stack.enter_context(
-                LocalCluster(
-                    n_workers=self.workers,
-                    threads_per_worker=self.config.threads_per_worker or 1,
-                    processes=True,
-                    dashboard_address="127.0.0.1:0",
-                    host="127.0.0.1",
+            with dask.config.set(LOCAL_CLUSTER_CONFIG):  # nannies hand it to their workers
+                cluster = self._stack.enter_context(
+                    LocalCluster(
+                        n_workers=self.workers,
+                        threads_per_worker=self.config.threads_per_worker
+                        or DEFAULT_THREADS_PER_WORKER,
+                        processes=True,
+                        dashboard_address="127.0.0.1:0",
+                        host="127.0.0.1",
+                    )
                 )
-            )
             return self._stack.enter_context(Client(cluster))
         try:
             client = self._stack.enter_context(Client(self.address, timeout=CONNECT_TIMEOUT))

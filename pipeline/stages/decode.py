@@ -12,6 +12,7 @@ needs (a thumbnail does), JPEGs are decoded at a reduced DCT scale (draft).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pipeline.config.model import Options
 from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Stage, Step
 from pipeline.stages.registry import register
+from pipeline.stages.thumbnail import fit_inside
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 Format = Literal["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]
@@ -91,7 +93,8 @@ class Decode(Step):
             width=image.width, height=image.height, format=image.format, mode=image.mode
         )
         if self.draft_size and image.format == "JPEG":
-            image.draft("RGB", self.draft_size)
+            # Fitted, not square: the DCT scale may then shrink both sides further.
+            image.draft("RGB", fit_inside(image.size, self.draft_size))
         load(image)
         return item.derive(normalize(orient(image)))
 
@@ -152,11 +155,11 @@ def load(image: Image.Image) -> None:
 
 
 def orient(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation; a broken EXIF block leaves the image as it is."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:
-        return image
+    """Apply EXIF orientation in place (no copy when there is none to apply);
+    a broken EXIF block leaves the image as it is."""
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def normalize(image: Image.Image) -> Image.Image:

@@ -95,10 +95,15 @@ def _bind(pool: type, connection: type, policy: AddressPolicy) -> type:
     return type(pool.__name__, (pool,), {"ConnectionCls": bound})
 
 
+# Partitions running at once in one process share its pool: keep that many times
+# `concurrency` connections per host alive, so none is discarded after use.
+POOL_SHARERS = 4
+
+
 def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
     manager = urllib3.PoolManager(
         num_pools=64,
-        maxsize=options.concurrency,
+        maxsize=options.concurrency * POOL_SHARERS,
         block=False,
         retries=False,
         timeout=urllib3.Timeout(
