@@ -109,11 +109,12 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
     from pipeline.execution.runner import RunRequest, run
 
     config = scratch / "job.yaml"
+    partition_size = spec.get("partition_size")  # None: the pipeline's default
     config.write_text(
         "name: bench\n"
         f"backend: {{kind: {spec['backend']}}}\n"
-        f"partition_size: {spec.get('partition_size', 16)}\n"
-        f"output: {scratch / 'out'}\n"
+        + (f"partition_size: {partition_size}\n" if partition_size else "")
+        + f"output: {scratch / 'out'}\n"
         "stages:\n"
         f"  urls: {{kind: url_list, path: {spec['urls']}}}\n"
         "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1]}\n"

@@ -87,7 +87,7 @@ def lever_measurements() -> list[dict[str, Any]]:
         },
         {**lever("threads, 1 worker per core", "0ms", set=[one_per_core]), "backend": "threads"},
         lever("partition_size 2", "0ms", partition_size=2),
-        lever("partition_size 64", "0ms", partition_size=64),
+        lever("partition_size 16", "0ms", partition_size=16),
         lever("concurrency 1, 50ms", "50ms", set=["stages.download.concurrency=1"]),
     ]
 
