@@ -72,7 +72,9 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
 
     arrays = sorted((out / "arrays").glob("*.npy"))
     stacked = np.concatenate([np.load(path) for path in arrays])
-    keys = sum((json.loads(path.with_suffix(".keys.json").read_text()) for path in arrays), [])
+    keys = [
+        key for path in arrays for key in json.loads(path.with_suffix(".keys.json").read_text())
+    ]
     assert stacked.shape == (7, 16, 24, 3) and stacked.dtype == np.uint8
     assert sorted(keys) == sorted(by_key)
     png = next(row["image"] for row in table.to_pylist() if row["key"] == keys[0])
