@@ -11,6 +11,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.execution.backends import Backend, backend_class
 from pipeline.execution.engine import execute, plan_partitions
+from pipeline.execution.reduction import Reductions
 from pipeline.plan import Plan, build_plan
 from pipeline.stages.base import Record
 from pipeline.state.results import ResultsWriter, RunStats, write_report
@@ -57,21 +58,25 @@ def run(
     plan, backend = prepare(request)
     run_dir = Path(plan.config.output)
     stats = RunStats()
+    reductions = Reductions(plan)
     with ResultsWriter(run_dir) as results:
 
         def on_records(records: list[Record]) -> None:
             results.write(records)
             stats.add(records)
+            reductions.add(records)
             if on_progress:
                 on_progress(stats)
 
-        execute(plan, backend, plan_partitions(plan), on_records)
+        execute(plan, backend, plan_partitions(plan), on_records, after=reductions.run)
     report = stats.report(
         job=plan.config.name,
         config_hash=plan.fingerprint,
         backend=backend.describe(),
         run_dir=str(run_dir),
     )
+    if reductions.results:
+        report["reductions"] = reductions.results
     report["exit_code"] = 0 if stats.statuses["failed"] == 0 else 1
     write_report(run_dir, report)
     return report

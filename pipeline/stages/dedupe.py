@@ -1,0 +1,176 @@
+"""`dedupe`: group near-duplicate images across the whole batch by perceptual-hash distance.
+
+Put it after a `phash` stage. Items pass through unchanged; at the end of the run
+the groups of near-duplicates (hashes within `threshold` bits, chained: single
+linkage) are written to `<run dir>/dedupe-<name>.json` and summarised in the
+report. In each group the item earliest in the input is kept, the others are
+listed as its duplicates.
+
+How it fits the DAG and Dask (see `pipeline.stages.reducing`): a partition's
+records carry each image's 64-bit hash. On the client each finished partition
+becomes a small summary, three flat numpy arrays (20-byte keys, input indices,
+hashes) plus group labels: about 40 bytes an image, never pixels. Summaries are
+merged by tasks on the backend, `fan_in` at a time, level by level (a tree
+reduction). A merge finds candidate pairs by multi-index hashing: the 64 bits
+are cut into `threshold + 1` bands, and by the pigeonhole principle two hashes
+within `threshold` bits agree exactly on at least one band, so only items that
+share a band value are compared; identical hashes are joined first. A
+union-find over the merged arrays keeps the groups, so a merge only adds links.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from pipeline.config.model import Options
+from pipeline.errors import ItemError
+from pipeline.stages.base import Item, Record
+from pipeline.stages.outputs import join, write_output
+from pipeline.stages.reducing import Reducer
+from pipeline.stages.registry import register
+
+
+class DedupeOptions(Options):
+    threshold: int = Field(8, ge=0, le=31, description="Max Hamming distance (bits of 64)")
+    fan_in: PositiveInt = Field(8, ge=2, description="Summaries merged per reduction task")
+
+
+@dataclass(frozen=True)
+class HashSummary:
+    """Keys, input indices, hashes and group labels (index of the group's root) of items."""
+
+    keys: np.ndarray
+    indices: np.ndarray
+    hashes: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, records: list[Record]) -> HashSummary:
+        hashed = [r for r in records if r["status"] == "ok" and r.get("phash")]
+        return cls(
+            np.array([r["key"] for r in hashed], dtype="S20"),
+            np.array([r["index"] for r in hashed], dtype=np.int64),
+            np.array([int(r["phash"], 16) for r in hashed], dtype=np.uint64),
+            np.arange(len(hashed), dtype=np.int64),
+        )
+
+
+class UnionFind:
+    def __init__(self, parents: np.ndarray):
+        self.parents = parents.copy()
+
+    def find(self, node: int) -> int:
+        root = node
+        while self.parents[root] != root:
+            root = self.parents[root]
+        while self.parents[node] != root:
+            self.parents[node], node = root, self.parents[node]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            self.parents[max(root_a, root_b)] = min(root_a, root_b)
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parents))], dtype=np.int64)
+
+
+def bands(threshold: int) -> list[tuple[int, int]]:
+    """(shift, width) of `threshold + 1` bit bands covering all 64 bits."""
+    count = threshold + 1
+    edges = [64 * i // count for i in range(count + 1)]
+    return [(edges[i], edges[i + 1] - edges[i]) for i in range(count)]
+
+
+def equal_runs(values: np.ndarray) -> list[np.ndarray]:
+    """Positions of `values` grouped by equal value, for values shared by two or more."""
+    order = np.argsort(values, kind="stable")
+    starts = np.flatnonzero(np.diff(values[order])) + 1
+    return [run for run in np.split(order, starts) if len(run) > 1]
+
+
+def concatenate(summaries: list[HashSummary]) -> HashSummary:
+    """All items of `summaries` in one, labels shifted to the new positions."""
+    if not summaries:
+        return HashSummary.of([])
+    offsets = np.cumsum([0] + [len(summary.keys) for summary in summaries[:-1]])
+    return HashSummary(
+        np.concatenate([summary.keys for summary in summaries]),
+        np.concatenate([summary.indices for summary in summaries]),
+        np.concatenate([summary.hashes for summary in summaries]),
+        np.concatenate([s.labels + offset for s, offset in zip(summaries, offsets, strict=True)]),
+    )
+
+
+def merge(summaries: list[HashSummary], threshold: int) -> HashSummary:
+    """One summary of all items in `summaries`, with near-duplicates linked."""
+    joined = concatenate(summaries)
+    groups = UnionFind(joined.labels)
+    unique, first, inverse = np.unique(joined.hashes, return_index=True, return_inverse=True)
+    for position, representative in enumerate(inverse):
+        groups.union(int(first[representative]), position)  # identical hashes
+    for shift, width in bands(threshold):
+        band = (unique >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+        for run in equal_runs(band):
+            link_close(unique[run], first[run], groups, threshold)
+    return HashSummary(joined.keys, joined.indices, joined.hashes, groups.labels())
+
+
+def link_close(hashes: np.ndarray, items: np.ndarray, groups: UnionFind, threshold: int) -> None:
+    """Join every pair among `hashes` within `threshold` bits (items: one per hash)."""
+    distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    for a, b in zip(*np.nonzero(np.triu(distances <= threshold, k=1)), strict=True):
+        groups.union(int(items[a]), int(items[b]))
+
+
+def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
+    """Groups of two or more, each as the kept key (earliest input) and its duplicates."""
+    found = []
+    for label in np.unique(summary.labels):
+        members = np.flatnonzero(summary.labels == label)
+        if len(members) > 1:
+            members = members[np.argsort(summary.indices[members], kind="stable")]
+            keys = [key.decode() for key in summary.keys[members]]
+            found.append({"keep": keys[0], "duplicates": keys[1:]})
+    return sorted(found, key=lambda group: group["keep"])
+
+
+@register("dedupe")
+class Dedupe(Reducer):
+    """Report groups of near-duplicate images across all partitions."""
+
+    Options = DedupeOptions
+    description = "Group near-duplicates across the batch by phash distance (tree reduction)"
+
+    @property
+    def fan_in(self) -> int:  # type: ignore[override]
+        return self.options.fan_in  # type: ignore[attr-defined]
+
+    def process(self, item: Item) -> Item:
+        if not item.record.get("phash"):
+            raise ItemError("transform_error", f"{self.name} needs a phash stage before it")
+        return item
+
+    def summarize(self, records: list[Record]) -> HashSummary:
+        return HashSummary.of(records)
+
+    def combine(self, summaries: list[HashSummary]) -> HashSummary:
+        return merge(summaries, self.options.threshold)  # type: ignore[attr-defined]
+
+    def conclude(self, summary: HashSummary) -> dict[str, Any]:
+        groups = groups_of(summary)
+        result = {
+            "threshold": self.options.threshold,  # type: ignore[attr-defined]
+            "items": len(summary.keys),
+            "groups": len(groups),
+            "duplicates": sum(len(group["duplicates"]) for group in groups),
+        }
+        path = join(self.job.run_dir, f"dedupe-{self.name}.json")
+        write_output(path, json.dumps({**result, "members": groups}, indent=1).encode())
+        return {**result, "file": path}

@@ -1,0 +1,101 @@
+"""Near-duplicate groups across partitions: crafted copies (resized, recompressed, cropped) of
+real images among distinct ones, reduced as a tree on the backend; and the band index
+checked against brute force."""
+
+from __future__ import annotations
+
+import io
+import json
+from itertools import combinations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.stages.dedupe import HashSummary, UnionFind, groups_of, merge
+from pipeline.testing.images import jpeg_bytes, photo
+from tests.stage_jobs import records, run_job
+
+FAMILIES, SINGLES = 6, 6
+
+
+def near_copies(image: Image.Image) -> dict[str, bytes]:
+    width, height = image.size
+    return {
+        "orig": jpeg_bytes(image),
+        "half": jpeg_bytes(image.resize((width // 2, height // 2))),
+        "q30": jpeg_bytes(Image.open(io.BytesIO(jpeg_bytes(image, quality=30))), quality=30),
+        "crop": jpeg_bytes(image.crop((6, 5, width - 6, height - 5))),
+    }
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    """Families of near-copies and distinct singles, interleaved in name order."""
+    folder = tmp_path_factory.mktemp("near")
+    family_of = {}
+    for n in range(FAMILIES):
+        for variant, data in near_copies(photo(320, 240, seed=200 + n)).items():
+            name = f"{variant}-{n}.jpg"
+            (folder / name).write_bytes(data)
+            family_of[name] = n
+    for n in range(SINGLES):
+        (folder / f"single-{n}.jpg").write_bytes(jpeg_bytes(photo(320, 240, seed=300 + n)))
+    return folder, family_of
+
+
+@pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
+def test_dedupe_finds_every_family_and_merges_nothing_else(tmp_path, crafted, backend):
+    folder, family_of = crafted
+    report = run_job(
+        tmp_path,
+        f"""
+        files: {{kind: files, path: {folder}}}
+        get: {{kind: download, input: files, allow_schemes: [file]}}
+        decode: {{kind: decode, input: get}}
+        hash: {{kind: phash, input: decode}}
+        near: {{kind: dedupe, input: hash, threshold: 12, fan_in: 2}}
+        """,
+        backend,
+        partition_size=3,  # 10 partitions: families span partitions and tree levels
+    )
+    assert report["counts"]["ok"] == FAMILIES * 4 + SINGLES
+    summary = report["reductions"]["near"]
+    assert summary["groups"] == FAMILIES and summary["duplicates"] == FAMILIES * 3
+    name_of = {r["key"]: r["url"].rsplit("/", 1)[1] for r in records(tmp_path / "out")}
+    groups = json.loads((tmp_path / "out" / "dedupe-near.json").read_text())["members"]
+    found = [{name_of[key] for key in [g["keep"], *g["duplicates"]]} for g in groups]
+    expected = [
+        {name for name, family in family_of.items() if family == n} for n in range(FAMILIES)
+    ]
+    assert sorted(map(sorted, found)) == sorted(map(sorted, expected))  # recall 1, no false merge
+
+
+def brute_force_groups(hashes: np.ndarray, threshold: int) -> set[frozenset[int]]:
+    groups = UnionFind(np.arange(len(hashes)))
+    for a, b in combinations(range(len(hashes)), 2):
+        if (int(hashes[a]) ^ int(hashes[b])).bit_count() <= threshold:
+            groups.union(a, b)
+    labels = groups.labels()
+    return {frozenset(np.flatnonzero(labels == label).tolist()) for label in set(labels.tolist())}
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 10])
+def test_tree_of_merges_equals_brute_force(threshold):
+    rng = np.random.default_rng(threshold)
+    base = rng.integers(0, 2**63, size=60, dtype=np.uint64)
+    flips = [
+        sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 14), replace=False))
+        for _ in range(60)
+    ]
+    hashes = np.concatenate([base, base ^ np.array(flips, dtype=np.uint64), base[:5]])
+    records = [
+        {"key": f"{i:020d}", "index": i, "status": "ok", "phash": f"{int(h):016x}"}
+        for i, h in enumerate(hashes)
+    ]
+    leaves = [HashSummary.of(records[i : i + 7]) for i in range(0, len(records), 7)]
+    level_one = [merge(leaves[i : i + 3], threshold) for i in range(0, len(leaves), 3)]
+    result = merge(level_one, threshold)
+    found = {frozenset(int(k) for k in [g["keep"], *g["duplicates"]]) for g in groups_of(result)}
+    expected = {group for group in brute_force_groups(hashes, threshold) if len(group) > 1}
+    assert found == expected and len(found) >= 5
