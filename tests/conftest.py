@@ -12,6 +12,21 @@ from pipeline.testing.server import TestServer
 
 REPO = Path(__file__).resolve().parents[1]
 
+# What `image_server` serves under test: 13 good images, then 3 that fail
+# (404, corrupt JPEG, HTML posing as a JPEG).
+SERVED_PATHS = [f"/img/{i}.jpg" for i in range(12)] + [
+    "/img/alpha.png",
+    "/missing.jpg",
+    "/img/corrupt.jpg",
+    "/img/page.jpg",
+]
+
+
+def write_url_list(path: Path, server: TestServer) -> Path:
+    """A URL list of every path in SERVED_PATHS on `server`."""
+    path.write_text("\n".join(server.url(p) for p in SERVED_PATHS) + "\n")
+    return path
+
 
 @pytest.fixture(scope="session")
 def image_server():
@@ -31,11 +46,7 @@ def image_server():
 @pytest.fixture
 def url_list(tmp_path, image_server):
     """A URL list with good images, a 404, a corrupt JPEG and HTML."""
-    paths = [f"/img/{i}.jpg" for i in range(12)]
-    paths += ["/img/alpha.png", "/missing.jpg", "/img/corrupt.jpg", "/img/page.jpg"]
-    path = tmp_path / "urls.txt"
-    path.write_text("\n".join(image_server.url(p) for p in paths) + "\n")
-    return path
+    return write_url_list(tmp_path / "urls.txt", image_server)
 
 
 @pytest.fixture

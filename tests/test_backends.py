@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.execution.runner import RunRequest, run
+from tests.conftest import write_url_list
 
 BACKENDS = ["sync", "threads", "processes", "distributed"]
 
@@ -44,10 +45,7 @@ def records(run_dir: Path) -> list[dict]:
 def runs(tmp_path_factory, image_server):
     """Run the same two-branch job on every backend once."""
     base = tmp_path_factory.mktemp("backends")
-    paths = [f"/img/{i}.jpg" for i in range(12)]
-    paths += ["/img/alpha.png", "/missing.jpg", "/img/corrupt.jpg", "/img/page.jpg"]
-    urls = base / "urls.txt"
-    urls.write_text("\n".join(image_server.url(p) for p in paths) + "\n")
+    urls = write_url_list(base / "urls.txt", image_server)
     results = {}
     for backend in BACKENDS:
         out = base / backend

@@ -57,12 +57,13 @@ class Plan:
     def sources(self) -> tuple[str, ...]:
         return tuple(node.name for node in self.nodes if node.role == "source")
 
+    def instantiate(self, node: StageNode) -> Stage:
+        """A live stage object for `node`."""
+        return stage_kinds()[node.kind](node.name, node.options, self.job)
+
     def compile(self) -> dict[str, Stage]:
         """Instantiate every stage and tell each about its neighbours."""
-        kinds = stage_kinds()
-        stages = {
-            node.name: kinds[node.kind](node.name, node.options, self.job) for node in self.nodes
-        }
+        stages = {node.name: self.instantiate(node) for node in self.nodes}
         for node in self.nodes:
             stage = stages[node.name]
             stage.connect([stages[name] for name in self.consumers(node.name)])
@@ -71,11 +72,7 @@ class Plan:
 
     def source_stages(self) -> dict[str, Source]:
         """Only the sources, for the client to read items from."""
-        kinds = stage_kinds()
-        return {
-            name: kinds[self.by_name[name].kind](name, self.by_name[name].options, self.job)
-            for name in self.sources
-        }  # type: ignore[misc]
+        return {name: self.instantiate(self.by_name[name]) for name in self.sources}  # type: ignore[misc]
 
 
 def build_plan(job: JobConfig, doc: ConfigDocument) -> Plan:
@@ -136,8 +133,9 @@ def _topological_order(nodes: dict[str, StageNode], doc: ConfigDocument) -> list
     while remaining:
         ready = [name for name, inputs in remaining.items() if not inputs - set(order)]
         if not ready:
-            cycle = " -> ".join(sorted(remaining))
-            raise ConfigError(doc.problem(("stages",), f"the stages form a cycle: {cycle}"))
+            first = min(remaining)
+            message = f"stages {', '.join(sorted(remaining))} form a cycle; break one input"
+            raise ConfigError(doc.problem(("stages", first, "input"), message))
         for name in ready:
             order.append(name)
             del remaining[name]
