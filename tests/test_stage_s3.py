@@ -51,10 +51,12 @@ def test_list_from_s3_and_every_sink_to_s3(s3, tmp_path, image_server):
         get: {kind: download, input: urls, allow_hosts: [127.0.0.1]}
         decode: {kind: decode, input: get}
         small: {kind: resize, input: decode, size: [32, 32], mode: pad}
-        images: {kind: write_images, input: small, path: s3://pipeline-test/out/images, sidecar: true}
+        images: {kind: write_images, input: small, path: s3://pipeline-test/out/images,
+                 sidecar: true}
         tar: {kind: webdataset, input: small, path: s3://pipeline-test/out/wds, shard_size: 2}
         table: {kind: parquet, input: small, path: s3://pipeline-test/out/table}
-        arrays: {kind: arrays, input: small, path: s3://pipeline-test/out/arrays, shape: [32, 32, 3]}
+        arrays: {kind: arrays, input: small, path: s3://pipeline-test/out/arrays,
+                 shape: [32, 32, 3]}
         """,
         "threads",
     )
