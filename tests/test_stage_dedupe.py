@@ -71,6 +71,34 @@ def test_dedupe_finds_every_family_and_merges_nothing_else(tmp_path, crafted, ba
     assert sorted(map(sorted, found)) == sorted(map(sorted, expected))  # recall 1, no false merge
 
 
+@pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
+def test_drop_skips_duplicates_before_they_are_written(tmp_path, crafted, backend):
+    folder, family_of = crafted
+    report = run_job(
+        tmp_path,
+        f"""
+        files: {{kind: files, path: {folder}}}
+        get: {{kind: download, input: files, allow_schemes: [file]}}
+        decode: {{kind: decode, input: get}}
+        hash: {{kind: phash, input: decode}}
+        near: {{kind: dedupe, input: hash, threshold: 12, drop: true}}
+        small: {{kind: resize, input: near, size: [32, 32]}}
+        write: {{kind: write_images, input: small, path: unique}}
+        """,
+        backend,
+        partition_size=5,
+    )
+    assert report["counts"] == {"ok": FAMILIES + SINGLES, "failed": 0, "skipped": FAMILIES * 3}
+    assert report["reductions"]["near"]["duplicates"] == FAMILIES * 3
+    written = sorted(path.name.split("-")[0] for path in (tmp_path / "out" / "unique").iterdir())
+    # files are listed in name order, so "crop-N" is each family's earliest member
+    assert written == ["crop"] * FAMILIES + ["single"] * SINGLES
+    skipped = [r for r in records(tmp_path / "out") if r["status"] == "skipped"]
+    assert {r["reason"] for r in skipped} == {"duplicate"} and not any(
+        r["outputs"] for r in skipped
+    )
+
+
 def brute_force_groups(hashes: np.ndarray, threshold: int) -> set[frozenset[int]]:
     groups = UnionFind(np.arange(len(hashes)))
     for a, b in combinations(range(len(hashes)), 2):

@@ -59,6 +59,7 @@ def run(
     run_dir = Path(plan.config.output)
     stats = RunStats()
     reductions = Reductions(plan)
+    reductions.first_pass(backend)  # only when a reducer acts before outputs are written
     with ResultsWriter(run_dir) as results:
 
         def on_records(records: list[Record]) -> None:

@@ -4,7 +4,10 @@ Put it after a `phash` stage. Items pass through unchanged; at the end of the ru
 the groups of near-duplicates (hashes within `threshold` bits, chained: single
 linkage) are written to `<run dir>/dedupe-<name>.json` and summarised in the
 report. In each group the item earliest in the input is kept, the others are
-listed as its duplicates.
+listed as its duplicates. With `drop: true` the duplicates are also skipped
+(status `skipped`, reason `duplicate`) before any later stage, so they are
+never written: that needs the groups before the main pass, so the stages up to
+`dedupe` run once first (a second download and decode, no writes).
 
 How it fits the DAG and Dask (see `pipeline.stages.reducing`): a partition's
 records carry each image's 64-bit hash. On the client each finished partition
@@ -20,16 +23,18 @@ union-find over the merged arrays keeps the groups, so a merge only adds links.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 from pydantic import Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Record
+from pipeline.stages.base import Item, Partition, Record
 from pipeline.stages.outputs import join, write_output
 from pipeline.stages.reducing import Reducer
 from pipeline.stages.registry import register
@@ -38,6 +43,9 @@ from pipeline.stages.registry import register
 class DedupeOptions(Options):
     threshold: int = Field(8, ge=0, le=31, description="Max Hamming distance (bits of 64)")
     fan_in: PositiveInt = Field(8, ge=2, description="Summaries merged per reduction task")
+    drop: bool = Field(
+        False, description="Skip duplicates before later stages (runs the stages up to here twice)"
+    )
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,13 @@ def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
     return sorted(found, key=lambda group: group["keep"])
 
 
+def load_dropped(path: str) -> dict[str, str]:
+    """Each duplicate's key -> the key kept in its group, from a groups file."""
+    with fsspec.open(path, "rb") as handle:
+        groups = json.load(handle)["members"]
+    return {key: group["keep"] for group in groups for key in group["duplicates"]}
+
+
 @register("dedupe")
 class Dedupe(Reducer):
     """Report groups of near-duplicate images across all partitions."""
@@ -148,9 +163,43 @@ class Dedupe(Reducer):
     Options = DedupeOptions
     description = "Group near-duplicates across the batch by phash distance (tree reduction)"
 
+    dropped: dict[str, str] = {}
+
     @property
     def fan_in(self) -> int:  # type: ignore[override]
         return self.options.fan_in  # type: ignore[attr-defined]
+
+    @property
+    def needs_first_pass(self) -> bool:
+        return self.options.drop  # type: ignore[attr-defined]
+
+    @classmethod
+    def first_pass_options(cls, options: Options) -> Options:
+        return options.model_copy(update={"drop": False})
+
+    @property
+    def groups_path(self) -> str:
+        return join(self.job.run_dir, f"dedupe-{self.name}.json")
+
+    def for_partition(self, partition: Partition) -> Dedupe:
+        """With `drop`: a copy that knows the first pass's duplicates (key -> kept key)."""
+        if not self.options.drop:  # type: ignore[attr-defined]
+            return self
+        bound = copy.copy(self)
+        bound.dropped = load_dropped(self.groups_path)
+        return bound
+
+    def run_one(self, item: Item) -> Item | None:
+        kept = self.dropped.get(item.key)
+        if kept is None:
+            return super().run_one(item)
+        item.record.update(
+            status="skipped",
+            stage=self.name,
+            reason="duplicate",
+            message=f"near-duplicate of {kept}",
+        )
+        return None
 
     def process(self, item: Item) -> Item:
         if not item.record.get("phash"):
@@ -171,6 +220,6 @@ class Dedupe(Reducer):
             "groups": len(groups),
             "duplicates": sum(len(group["duplicates"]) for group in groups),
         }
-        path = join(self.job.run_dir, f"dedupe-{self.name}.json")
-        write_output(path, json.dumps({**result, "members": groups}, indent=1).encode())
-        return {**result, "file": path}
+        document = {**result, "dropped": self.options.drop, "members": groups}  # type: ignore[attr-defined]
+        write_output(self.groups_path, json.dumps(document, indent=1).encode())
+        return {**result, "file": self.groups_path}

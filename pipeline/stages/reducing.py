@@ -12,13 +12,16 @@ work in three, each on small data:
     conclude(summary)    client, once: write the result files, return a report section
 
 `pipeline.execution.reduction` drives this after the last partition, while the
-backend is still up.
+backend is still up. A reducer whose result changes the run itself (drop items
+before they are written) sets `needs_first_pass`: the stages it depends on then
+run once first, with `first_pass_options`, to produce its conclusion.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.config.model import Options
 from pipeline.stages.base import Record, Step
 
 
@@ -26,6 +29,15 @@ class Reducer(Step):
     """A step (items pass through `process`) that also reduces the batch's records."""
 
     fan_in: int = 8
+
+    @property
+    def needs_first_pass(self) -> bool:
+        return False
+
+    @classmethod
+    def first_pass_options(cls, options: Options) -> Options:
+        """The options the stage runs with in the first pass."""
+        return options
 
     def summarize(self, records: list[Record]) -> Any:
         raise NotImplementedError
