@@ -73,7 +73,7 @@ def test_dedupe_finds_every_family_and_merges_nothing_else(tmp_path, crafted, ba
 
 @pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
 def test_drop_skips_duplicates_before_they_are_written(tmp_path, crafted, backend):
-    folder, family_of = crafted
+    folder, _ = crafted
     report = run_job(
         tmp_path,
         f"""
