@@ -24,12 +24,22 @@ def write_photos(folder: Path, count: int, size: tuple[int, int] = (96, 72)) -> 
     return paths
 
 
-def run_job(tmp_path: Path, stages: str, backend: str = "sync", **settings: Any) -> dict:
-    """Run a job made of `stages` (YAML lines) in tmp_path/out; return its report."""
+def decoded_files(folder: Path | str) -> str:
+    """YAML for stages `files` -> `get` -> `decode` over the images in a local folder."""
+    return f"""
+        files: {{kind: files, path: {folder}}}
+        get: {{kind: download, input: files, allow_schemes: [file]}}
+        decode: {{kind: decode, input: get}}
+        """
+
+
+def run_job(tmp_path: Path, *stages: str, backend: str = "sync", **settings: Any) -> dict:
+    """Run a job made of `stages` (blocks of YAML lines) in tmp_path/out; return its report."""
     out = settings.pop("output", tmp_path / "out")
     header = {"name": "stage-test", "output": str(out), "partition_size": 4, **settings}
     text = yaml.safe_dump(header) + "stages:\n"
-    text += textwrap.indent(textwrap.dedent(stages).strip(), "  ") + "\n"
+    blocks = "\n".join(textwrap.dedent(block).strip() for block in stages)
+    text += textwrap.indent(blocks, "  ") + "\n"
     config = tmp_path / "job.yaml"
     config.write_text(text)
     return run(RunRequest(config=config, backend=backend))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from pipeline.execution.runner import RunRequest, run
 from tests.conftest import REPO
+from tests.stage_jobs import records
 
 
 @pytest.mark.slow
@@ -32,8 +31,11 @@ def test_example_config_runs(tmp_path, name, items, outputs):
         shard = np.load(sorted((out / "arrays").glob("*.npy"))[0])
         assert shard.shape == (8, 3, 64, 64) and shard.dtype == np.float32
     if name == "sources":
-        first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
-        assert first["fields"] == {
+        listed = [record for record in records(out) if "fields" in record]
+        assert (
+            len(listed) == 24 and listed[0]["index"] == 2
+        )  # line 2: the first row after the header
+        assert listed[0]["fields"] == {
             "id": "0",
             "caption": "synthetic photo 0, 640x480",
             "label": "landscape",

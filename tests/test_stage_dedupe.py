@@ -14,9 +14,10 @@ from PIL import Image
 
 from pipeline.stages.dedupe import HashSummary, UnionFind, groups_of, merge
 from pipeline.testing.images import jpeg_bytes, photo
-from tests.stage_jobs import records, run_job
+from tests.stage_jobs import decoded_files, records, run_job
 
 FAMILIES, SINGLES = 6, 6
+LOCAL_BACKENDS = ["threads", pytest.param("processes", marks=pytest.mark.slow)]
 
 
 def near_copies(image: Image.Image) -> dict[str, bytes]:
@@ -44,19 +45,17 @@ def crafted(tmp_path_factory):
     return folder, family_of
 
 
-@pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_dedupe_finds_every_family_and_merges_nothing_else(tmp_path, crafted, backend):
     folder, family_of = crafted
     report = run_job(
         tmp_path,
-        f"""
-        files: {{kind: files, path: {folder}}}
-        get: {{kind: download, input: files, allow_schemes: [file]}}
-        decode: {{kind: decode, input: get}}
-        hash: {{kind: phash, input: decode}}
-        near: {{kind: dedupe, input: hash, threshold: 12, fan_in: 2}}
+        decoded_files(folder),
+        """
+        hash: {kind: phash, input: decode}
+        near: {kind: dedupe, input: hash, threshold: 12, fan_in: 2}
         """,
-        backend,
+        backend=backend,
         partition_size=3,  # 10 partitions: families span partitions and tree levels
     )
     assert report["counts"]["ok"] == FAMILIES * 4 + SINGLES
@@ -71,21 +70,19 @@ def test_dedupe_finds_every_family_and_merges_nothing_else(tmp_path, crafted, ba
     assert sorted(map(sorted, found)) == sorted(map(sorted, expected))  # recall 1, no false merge
 
 
-@pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_drop_skips_duplicates_before_they_are_written(tmp_path, crafted, backend):
     folder, _ = crafted
     report = run_job(
         tmp_path,
-        f"""
-        files: {{kind: files, path: {folder}}}
-        get: {{kind: download, input: files, allow_schemes: [file]}}
-        decode: {{kind: decode, input: get}}
-        hash: {{kind: phash, input: decode}}
-        near: {{kind: dedupe, input: hash, threshold: 12, drop: true}}
-        small: {{kind: resize, input: near, size: [32, 32]}}
-        write: {{kind: write_images, input: small, path: unique}}
+        decoded_files(folder),
+        """
+        hash: {kind: phash, input: decode}
+        near: {kind: dedupe, input: hash, threshold: 12, drop: true}
+        small: {kind: resize, input: near, size: [32, 32]}
+        write: {kind: write_images, input: small, path: unique}
         """,
-        backend,
+        backend=backend,
         partition_size=5,
     )
     assert report["counts"] == {"ok": FAMILIES + SINGLES, "failed": 0, "skipped": FAMILIES * 3}

@@ -58,7 +58,7 @@ def test_list_from_s3_and_every_sink_to_s3(s3, tmp_path, image_server):
         arrays: {kind: arrays, input: small, path: s3://pipeline-test/out/arrays,
                  shape: [32, 32, 3]}
         """,
-        "threads",
+        backend="threads",
     )
     assert report["counts"]["ok"] == 5
     found = records(tmp_path / "out")

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.stage_jobs import records, run_job, write_photos
+from tests.stage_jobs import decoded_files, records, run_job, write_photos
 
 SINKS = """
 files: {{kind: files, path: {images}}}
@@ -39,7 +39,10 @@ def photos(tmp_path_factory):
 
 def run_sinks(tmp_path, photos, out: str, backend: str = "sync") -> dict:
     return run_job(
-        tmp_path, SINKS.format(images=photos, out=out), backend, output=str(tmp_path / "run")
+        tmp_path,
+        SINKS.format(images=photos, out=out),
+        backend=backend,
+        output=str(tmp_path / "run"),
     )
 
 
@@ -102,21 +105,17 @@ def test_sinks_write_to_memory_filesystem(tmp_path, photos):
 def test_arrays_fail_items_of_the_wrong_shape_and_keep_the_rest(tmp_path, photos):
     report = run_job(
         tmp_path,
-        f"""
-        files: {{kind: files, path: {photos}}}
-        get: {{kind: download, input: files, allow_schemes: [file]}}
-        decode: {{kind: decode, input: get}}
-        array: {{kind: arrays, input: decode, path: arrays, shape: [72, 96, 3]}}
+        decoded_files(photos),
+        """
+        array: {kind: arrays, input: decode, path: arrays, shape: [72, 96, 3]}
         """,
     )
     assert report["counts"]["ok"] == 7
     report = run_job(
         tmp_path,
-        f"""
-        files: {{kind: files, path: {photos}}}
-        get: {{kind: download, input: files, allow_schemes: [file]}}
-        decode: {{kind: decode, input: get}}
-        array: {{kind: arrays, input: decode, path: arrays, shape: [16, 16, 3]}}
+        decoded_files(photos),
+        """
+        array: {kind: arrays, input: decode, path: arrays, shape: [16, 16, 3]}
         """,
     )
     assert report["failures_by_reason"] == {"transform_error": 7}

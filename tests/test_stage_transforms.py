@@ -192,7 +192,7 @@ def test_transform_chain_gives_the_same_records_on_every_backend(tmp_path):
     results = {}
     for backend in ["sync", "threads", "processes"]:
         report = run_job(
-            tmp_path, CHAIN.format(images=images), backend, output=str(tmp_path / backend)
+            tmp_path, CHAIN.format(images=images), backend=backend, output=str(tmp_path / backend)
         )
         assert report["counts"]["ok"] == 6, report
         results[backend] = [

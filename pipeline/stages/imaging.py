@@ -8,10 +8,10 @@ from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Step
 
 
-def image_of(item: Item, stage: str) -> Image.Image:
+def image_of(item: Item, stage: str, reason: str = "transform_error") -> Image.Image:
     """The item's image, or an item error that says to put a decode before `stage`."""
     if not isinstance(item.data, Image.Image):
-        raise ItemError("transform_error", f"{stage} needs an image; put a decode before it")
+        raise ItemError(reason, f"{stage} needs an image; put a decode before it")
     return item.data
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.config.model import Options
-from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Sink, Stage
+from pipeline.stages.imaging import image_of
 from pipeline.stages.outputs import join, metadata_json, output_folder, output_name, write_output
 from pipeline.stages.registry import register
 
@@ -62,10 +62,8 @@ def encode(image: Image.Image, options: EncodeOptions) -> bytes:
 
 
 def require_image(item: Item, stage: str) -> Image.Image:
-    """The item's Pillow image, or an item error that says what to put before `stage`."""
-    if not isinstance(item.data, Image.Image):
-        raise ItemError("write_error", f"{stage} needs an image input; put a decode before it")
-    return item.data
+    """The image a sink encodes; anything else fails the item as a write error."""
+    return image_of(item, stage, reason="write_error")
 
 
 @register("write_images")
