@@ -17,4 +17,8 @@ def not_an_image(image: Image.Image) -> str:
     return "oops"
 
 
+def explode(image: Image.Image) -> Image.Image:
+    raise RuntimeError("boom")
+
+
 unpicklable = lambda image: image  # noqa: E731 (the point: a lambda cannot be pickled)

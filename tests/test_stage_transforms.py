@@ -146,6 +146,8 @@ def test_python_functions_on_images_and_records(landscape):
     assert record["aspect"] == 1.5 and same is landscape
     with pytest.raises(ItemError, match="returned str, not an image"):
         apply("python", landscape, function="tests.stage_userfuncs:not_an_image")
+    with pytest.raises(ItemError, match="explode: RuntimeError: boom"):
+        apply("python", landscape, function="tests.stage_userfuncs:explode")
 
 
 @pytest.mark.parametrize(

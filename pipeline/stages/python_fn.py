@@ -75,25 +75,25 @@ class Python(Step):
 
     def process(self, item: Item) -> Item:
         options: PythonOptions = self.options  # type: ignore[assignment]
-        try:
-            if options.takes == "record":
-                updates = self.function(dict(item.record), item.data, **options.kwargs)
-                result = item.data
-            else:
-                result = self.function(item.data, **options.kwargs)
-        except ItemError:
-            raise
-        except Exception as exc:
-            raise ItemError(
-                "transform_error", f"{options.function}: {type(exc).__name__}: {exc}"
-            ) from None
         if options.takes == "record":
+            updates = self.call(dict(item.record), item.data)
             if not isinstance(updates, dict):
                 raise ItemError("transform_error", f"{options.function} must return a dict")
             item.record.update(updates)
-        elif not isinstance(result, Image.Image | np.ndarray):
-            raise ItemError(
-                "transform_error",
-                f"{options.function} returned {type(result).__name__}, not an image",
-            )
+            return item
+        result = self.call(item.data)
+        if not isinstance(result, Image.Image | np.ndarray):
+            kind = type(result).__name__
+            raise ItemError("transform_error", f"{options.function} returned {kind}, not an image")
         return item.derive(result)
+
+    def call(self, *args: Any) -> Any:
+        """The user function's result; its exceptions fail the item, with their message."""
+        options: PythonOptions = self.options  # type: ignore[assignment]
+        try:
+            return self.function(*args, **options.kwargs)
+        except ItemError:
+            raise
+        except Exception as exc:
+            message = f"{options.function}: {type(exc).__name__}: {exc}"
+            raise ItemError("transform_error", message) from None
