@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import ConfigError
 from tests.stage_jobs import decoded_files, records, run_job, write_photos
 
 SINKS = """
@@ -132,3 +133,16 @@ def test_sinks_write_identical_bytes_on_every_backend(tmp_path, photos):
         }
     assert len(contents["sync"]) == 3 + 4 + 2 * 2 + 14  # tars, parquets, npy + keys, webp + json
     assert contents["sync"] == contents["threads"] == contents["processes"]
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [("gs://bucket/out", "install gcsfs"), ("nosuch://x/out", "Protocol not known: nosuch")],
+)
+def test_a_sink_on_an_unavailable_filesystem_is_a_config_error(tmp_path, photos, path, problem):
+    with pytest.raises(ConfigError, match=f"stages.tar.path: .*{problem}"):
+        run_job(
+            tmp_path,
+            decoded_files(photos),
+            f"tar: {{kind: webdataset, input: decode, path: {path}}}",
+        )

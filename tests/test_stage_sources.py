@@ -163,3 +163,8 @@ def test_files_source_end_to_end_on_local_folder(tmp_path):
     )
     assert report["counts"] == {"ok": 5, "failed": 0, "skipped": 0}
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 5
+
+
+def test_files_on_a_missing_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.files\.path: .*no such file or folder"):
+        run_job(tmp_path, f"files: {{kind: files, path: {tmp_path}/nope}}")

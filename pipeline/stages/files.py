@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.stages.base import Source, SourceItem
+from pipeline.stages.outputs import filesystem
 from pipeline.stages.registry import register
 
 GLOB_CHARACTERS = re.compile(r"[*?[]")
@@ -28,6 +29,14 @@ class FilesOptions(Options):
     extensions: tuple[str, ...] = Field(
         IMAGE_EXTENSIONS, description="File suffixes to keep (case-insensitive); [] keeps all"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str) -> str:
+        fs, root = filesystem(path)
+        if not GLOB_CHARACTERS.search(root) and not fs.exists(root):
+            raise ValueError(f"no such file or folder: {path}")
+        return path
 
     @field_validator("extensions")
     @classmethod

@@ -59,6 +59,22 @@ def metadata_json(record: Record) -> bytes:
     return json.dumps(metadata(record), sort_keys=True, default=str).encode()
 
 
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a path or URL; ValueError naming a missing package."""
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:
+        raise ValueError(f"cannot open {path}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cannot open {path}: {exc} (is the URL scheme right?)") from None
+
+
+def checked_location(path: str) -> str:
+    """A pydantic validator for sink paths: the URL's filesystem must be available."""
+    filesystem(path)
+    return path
+
+
 def output_folder(run_dir: str, path: str) -> str:
     """A sink's folder: a URL as given, a relative path inside the run directory."""
     if "://" in path or os.path.isabs(path):

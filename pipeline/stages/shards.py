@@ -11,15 +11,16 @@ the run instead).
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, PositiveInt
+from pydantic import AfterValidator, Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Partition, Sink
 from pipeline.stages.outputs import (
     AtomicFile,
+    checked_location,
     ensure_parent,
     join,
     output_error,
@@ -28,7 +29,9 @@ from pipeline.stages.outputs import (
 
 
 class ShardOptions(Options):
-    path: str = Field(description="Folder or fsspec URL; relative paths are inside the run dir")
+    path: Annotated[str, AfterValidator(checked_location)] = Field(
+        description="Folder or fsspec URL; relative paths are inside the run dir"
+    )
     shard_size: PositiveInt = Field(1000, description="Items per shard (per partition)")
     prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$", description="Shard file name prefix")
 

@@ -26,6 +26,7 @@ from pydantic import Field, PositiveInt, field_validator
 from pipeline.config.model import Options
 from pipeline.errors import ConfigError
 from pipeline.stages.base import Source, SourceItem
+from pipeline.stages.outputs import filesystem
 from pipeline.stages.registry import register
 
 Format = Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"]
@@ -47,7 +48,7 @@ class UrlListOptions(Options):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str) -> str:
-        fs, local = fsspec.core.url_to_fs(path)
+        fs, local = filesystem(path)
         if not fs.isfile(local):
             raise ValueError(f"no such file: {path} (paths are relative to the current folder)")
         return path

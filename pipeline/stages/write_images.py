@@ -7,15 +7,22 @@ its key, URL, source fields (e.g. id, caption) and what stages added (size, stat
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from pipeline.config.model import Options
 from pipeline.stages.base import Item, Sink, Stage
 from pipeline.stages.imaging import image_of
-from pipeline.stages.outputs import join, metadata_json, output_folder, output_name, write_output
+from pipeline.stages.outputs import (
+    checked_location,
+    join,
+    metadata_json,
+    output_folder,
+    output_name,
+    write_output,
+)
 from pipeline.stages.registry import register
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -34,7 +41,7 @@ class EncodeOptions(Options):
 
 
 class WriteImagesOptions(EncodeOptions):
-    path: str = Field(
+    path: Annotated[str, AfterValidator(checked_location)] = Field(
         description="Folder or fsspec URL to write into; relative paths are inside the run dir"
     )
     sidecar: bool = Field(False, description="Also write <name>.json with the item's metadata")
