@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from pathlib import PurePosixPath
@@ -118,7 +119,7 @@ class AtomicFile:
             else:
                 self.file.seek(0)
                 with self.fs.open(self._target, "wb") as remote:
-                    remote.write(self.file.read())
+                    shutil.copyfileobj(self.file, remote)
                 self.file.close()
         except BaseException:
             self.abort()
