@@ -3,55 +3,53 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
+from pipeline.cli.arguments import add_backend_arguments, add_config_arguments, request_from
+from pipeline.cli.inspect import describe_plan
 from pipeline.errors import EXIT_OK, ItemsFailedError
-from pipeline.execution.runner import RunRequest, prepare, run
+from pipeline.execution.runner import prepare, run
+from pipeline.logs import fields, logger
+from pipeline.progress import Progress
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     run_parser = commands.add_parser("run", help="run a job")
-    _add_config_arguments(run_parser)
+    add_config_arguments(run_parser)
+    add_backend_arguments(run_parser)
     run_parser.add_argument(
-        "--backend", "-b", help="sync | threads | processes | distributed (overrides the config)"
+        "--dry-run", "-n", action="store_true", help="print the plan and stop; write nothing"
     )
-    run_parser.add_argument("--workers", "-w", type=int, help="worker threads or processes")
-    run_parser.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
+    run_parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, log progress this often (default 10)",
+    )
     run_parser.set_defaults(handler=command_run)
 
     validate_parser = commands.add_parser("validate", help="check a config and report all errors")
-    _add_config_arguments(validate_parser)
+    add_config_arguments(validate_parser)
     validate_parser.set_defaults(handler=command_validate)
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="the job's YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set stages.thumb.size=[128,128] (repeatable)",
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
-    )
-
-
-def _request(args: argparse.Namespace) -> RunRequest:
-    return RunRequest(
-        config=args.config,
-        overrides=tuple(args.overrides),
-        backend=getattr(args, "backend", None),
-        workers=getattr(args, "workers", None),
-        scheduler=getattr(args, "scheduler", None),
-    )
-
-
 def command_run(args: argparse.Namespace) -> int:
-    report = run(_request(args))
+    request = request_from(args)
+    plan, backend = prepare(request)
+    if args.dry_run:
+        print(describe_plan(request, plan, backend))
+        return EXIT_OK
+    total = plan.count_items()
+    logger().info("run %s", fields(job=plan.config.name, items=total, backend=backend.describe()))
+    progress = None
+    if args.verbosity != "quiet":
+        progress = Progress(plan.config.name, total, interval=args.progress_interval)
+    try:
+        report = run(request, progress)
+    finally:
+        if progress:
+            progress.close()
     print(summary(report))
     if report["exit_code"] != EXIT_OK:
         raise ItemsFailedError(f"{report['counts']['failed']} items failed; see {_results(report)}")
@@ -59,7 +57,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    plan, backend = prepare(_request(args))
+    plan, backend = prepare(request_from(args))
     stages = ", ".join(f"{node.name} ({node.kind})" for node in plan.nodes)
     print(f"{args.config}: ok: {len(plan.nodes)} stages: {stages}; backend {backend.describe()}")
     return EXIT_OK

@@ -16,6 +16,7 @@ __all__ = [
     "Options",
     "StageConfig",
     "load_config",
+    "validate_job",
 ]
 
 
@@ -24,10 +25,15 @@ def load_config(
 ) -> tuple[JobConfig, ConfigDocument]:
     """Load and validate the job-level structure of a config file."""
     doc = load_document(path, overrides)
-    data = dict(doc.data)
-    if isinstance(data.get("backend"), str):
-        data["backend"] = {"kind": data["backend"]}
-    job, problems = validate_model(doc, JobConfig, data)
+    job, problems = validate_job(doc)
     if problems or job is None:
         raise ConfigError(problems)
     return job, doc
+
+
+def validate_job(doc: ConfigDocument) -> tuple[JobConfig | None, list[str]]:
+    """The job-level keys of `doc` as a JobConfig, or every problem found in them."""
+    data = dict(doc.data)
+    if isinstance(data.get("backend"), str):
+        data["backend"] = {"kind": data["backend"]}
+    return validate_model(doc, JobConfig, data)

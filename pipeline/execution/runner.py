@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_config
+from pipeline.config import load_document, validate_job
 from pipeline.errors import ConfigError
 from pipeline.execution.backends import Backend, backend_class
 from pipeline.execution.engine import execute, plan_partitions
 from pipeline.execution.reduction import Reductions
-from pipeline.plan import Plan, build_plan
+from pipeline.plan import Plan, build_plan, stage_problems
 from pipeline.stages.base import Record
 from pipeline.state.results import ResultsWriter, RunStats, write_report
 
@@ -41,14 +41,18 @@ class RunRequest:
 
 
 def prepare(request: RunRequest) -> tuple[Plan, Backend]:
-    """Load, validate and plan; raise ConfigError naming every problem."""
-    job, doc = load_config(request.config, request.all_overrides())
-    plan = build_plan(job, doc)
-    try:
-        cls = backend_class(job.backend.kind)
-    except ConfigError as exc:
-        raise ConfigError(doc.problem(("backend", "kind"), str(exc))) from None
-    return plan, cls(job.backend)
+    """Load, validate and plan; raise one ConfigError naming every problem."""
+    doc = load_document(request.config, request.all_overrides())
+    job, problems = validate_job(doc)
+    cls = None
+    if job is not None:
+        try:
+            cls = backend_class(job.backend.kind)
+        except ConfigError as exc:
+            problems.append(doc.problem(("backend", "kind"), str(exc)))
+    if job is None or cls is None:
+        raise ConfigError(problems + stage_problems(doc))
+    return build_plan(job, doc), cls(job.backend)
 
 
 def run(

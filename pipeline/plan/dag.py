@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from pipeline.config import ConfigDocument, JobConfig, Options
+from pydantic import ValidationError
+
+from pipeline.config import ConfigDocument, JobConfig, Options, StageConfig
 from pipeline.config.model import suggest, validate_model
 from pipeline.errors import ConfigError
 from pipeline.stages.base import JobContext, Source, Stage
@@ -70,6 +73,11 @@ class Plan:
             stage.connect_inputs([stages[name] for name in node.inputs])
         return stages
 
+    def count_items(self) -> int | None:
+        """Items in all sources, if every source can count them cheaply; else None."""
+        counts = [source.count_items() for source in self.source_stages().values()]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
     def source_stages(self) -> dict[str, Source]:
         """Only the sources, for the client to read items from."""
         return {name: self.instantiate(self.by_name[name]) for name in self.sources}  # type: ignore[misc]
@@ -77,10 +85,42 @@ class Plan:
 
 def build_plan(job: JobConfig, doc: ConfigDocument) -> Plan:
     """Validate every stage against its kind and the DAG's shape; raise ConfigError."""
+    nodes, problems = _stage_nodes(job.stages, doc)
+    problems += _check_edges(nodes, doc)
+    if not problems:
+        order = _topological_order(nodes, doc)
+        return Plan(JobContext(job.name, job.output), job, tuple(nodes[name] for name in order))
+    raise ConfigError(problems)
+
+
+def stage_problems(doc: ConfigDocument) -> list[str]:
+    """The stage-level problems of a config whose job-level keys may be invalid.
+
+    So that one `validate` reports the job's and the stages' problems together;
+    a stage whose `kind`/`input` keys are themselves malformed was already
+    reported by the job-level check and is skipped here.
+    """
+    raw = doc.data.get("stages")
+    if not isinstance(raw, dict):
+        return []
+    stages = {}
+    for name, spec in raw.items():
+        try:
+            stages[str(name)] = StageConfig.model_validate(spec)
+        except ValidationError:
+            continue
+    nodes, problems = _stage_nodes(stages, doc)
+    return problems + _check_edges(nodes, doc)
+
+
+def _stage_nodes(
+    stages: Mapping[str, StageConfig], doc: ConfigDocument
+) -> tuple[dict[str, StageNode], list[str]]:
+    """Each stage validated against its kind: the nodes that are valid, and the problems."""
     nodes: dict[str, StageNode] = {}
     problems: list[str] = []
     kinds = stage_kinds()
-    for name, spec in job.stages.items():
+    for name, spec in stages.items():
         loc = ("stages", name)
         if spec.kind not in kinds:
             problems.append(
@@ -97,11 +137,7 @@ def build_plan(job: JobConfig, doc: ConfigDocument) -> Plan:
         problems += option_problems
         if options is not None:
             nodes[name] = StageNode(name, spec.kind, cls.role, spec.input_names, options)
-    problems += _check_edges(nodes, doc)
-    if not problems:
-        order = _topological_order(nodes, doc)
-        return Plan(JobContext(job.name, job.output), job, tuple(nodes[name] for name in order))
-    raise ConfigError(problems)
+    return nodes, problems
 
 
 def _check_edges(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:

@@ -137,6 +137,10 @@ class Source(Stage):
     def iter_items(self) -> Iterator[SourceItem]:
         raise NotImplementedError
 
+    def count_items(self) -> int | None:
+        """How many items `iter_items` yields, if that is cheap to know (for ETAs)."""
+        return None
+
 
 class Step(Stage):
     """Turns one item into another inside a task."""

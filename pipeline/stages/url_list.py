@@ -34,6 +34,7 @@ SUFFIXES = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".nd
 SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 Row = tuple[int, dict[str, Any]]
+COUNT_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class UrlListOptions(Options):
@@ -140,6 +141,13 @@ class UrlList(Source):
             entry = str(row[options.column] or "").strip()
             if entry:
                 yield SourceItem(number, resolve(entry, base), self._fields(row))
+
+    def count_items(self) -> int | None:
+        """The item count for progress, when the list is small enough to read twice."""
+        fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
+        if fs.size(path) > COUNT_LIMIT_BYTES:
+            return None
+        return sum(1 for _ in self.iter_items())
 
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
         options: UrlListOptions = self.options  # type: ignore[assignment]

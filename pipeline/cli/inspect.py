@@ -1,0 +1,145 @@
+"""`plan`, `graph` and `schema`: look at a job without running it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.cli.arguments import (
+    add_backend_arguments,
+    add_config_arguments,
+    add_verbosity_flags,
+    request_from,
+)
+from pipeline.errors import EXIT_OK
+from pipeline.execution.backends import Backend, DistributedBackend
+from pipeline.execution.runner import RunRequest, prepare
+from pipeline.plan import Plan
+from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
+from pipeline.plan.schema import schema_text
+from pipeline.state.results import REPORT_FILE, RESULTS_FILE
+
+LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+GRAPH_FORMATS = ("mermaid", "dot", *RENDER_FORMATS)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    plan_parser = commands.add_parser("plan", help="show what `run` would do (= run --dry-run)")
+    add_config_arguments(plan_parser)
+    add_backend_arguments(plan_parser)
+    plan_parser.set_defaults(handler=command_plan)
+
+    graph_parser = commands.add_parser("graph", help="draw the stage DAG (Mermaid, DOT, SVG, PNG)")
+    add_config_arguments(graph_parser)
+    graph_parser.add_argument(
+        "--format", "-f", choices=GRAPH_FORMATS, help="default: from --output's suffix, or mermaid"
+    )
+    graph_parser.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
+    graph_parser.set_defaults(handler=command_graph)
+
+    schema_parser = commands.add_parser("schema", help="print the config's JSON Schema")
+    schema_parser.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
+    add_verbosity_flags(schema_parser)
+    schema_parser.set_defaults(handler=command_schema)
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    request = request_from(args)
+    print(describe_plan(request, *prepare(request)))
+    return EXIT_OK
+
+
+def command_graph(args: argparse.Namespace) -> int:
+    plan, _ = prepare(request_from(args))
+    image_format = args.format or _format_of(args.output)
+    text = mermaid(plan) if image_format == "mermaid" else dot(plan)
+    data = render(text, image_format) if image_format in RENDER_FORMATS else text.encode()
+    _write(data, args.output)
+    return EXIT_OK
+
+
+def command_schema(args: argparse.Namespace) -> int:
+    _write(schema_text().encode(), args.output)
+    return EXIT_OK
+
+
+def _format_of(output: Path | None) -> str:
+    suffix = output.suffix.lstrip(".").lower() if output else ""
+    aliases = {"mmd": "mermaid", "gv": "dot"}
+    suffix = aliases.get(suffix, suffix)
+    return suffix if suffix in GRAPH_FORMATS else "mermaid"
+
+
+def _write(data: bytes, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        output.write_bytes(data)
+        print(f"wrote {output}", file=sys.stderr)
+
+
+def describe_plan(request: RunRequest, plan: Plan, backend: Backend) -> str:
+    """What `run` would do: backend, items and partitions, stages, outputs, warnings."""
+    config = plan.config
+    total = plan.count_items()
+    width = max(len(node.name) for node in plan.nodes)
+    kind_width = max(len(node.kind) for node in plan.nodes)
+    lines = [
+        f"job        {config.name}  ({request.config}, config hash {plan.fingerprint})",
+        f"backend    {backend.describe()}, up to {backend.max_in_flight} partitions in flight",
+        f"items      {_items(total, config.partition_size)}",
+        f"output     {config.output}/  ({RESULTS_FILE}, {REPORT_FILE})",
+        "stages",
+    ]
+    for node in plan.nodes:
+        edges = f"<- {', '.join(node.inputs)}" if node.inputs else node.role
+        where = _sink_path(config.output, node.options) if node.role == "sink" else None
+        lines.append(
+            f"  {node.name:<{width}}  {node.kind:<{kind_width}}  {edges}"
+            + (f"  -> {where}" if where else "")
+        )
+    problems = warnings(plan, backend, total)
+    lines.append("warnings   " + ("none" if not problems else problems[0]))
+    lines += [f"           {problem}" for problem in problems[1:]]
+    return "\n".join(lines)
+
+
+def _items(total: int | None, size: int) -> str:
+    if total is None:
+        return f"not known before the run; partitions of {size}"
+    partitions = -(-total // size)
+    return f"{total} in {partitions} partition{'s' if partitions != 1 else ''} of {size}"
+
+
+def _sink_path(run_dir: str, options: object) -> str | None:
+    """Where a sink writes: its `path` option, inside the run directory unless absolute."""
+    path = getattr(options, "path", None)
+    if not isinstance(path, str):
+        return None
+    return path if urlsplit(path).scheme or Path(path).is_absolute() else f"{run_dir}/{path}"
+
+
+def warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
+    """Things that are valid but probably not what the user wants."""
+    found = []
+    output = plan.config.output
+    if isinstance(backend, DistributedBackend) and backend.address:
+        host = urlsplit(backend.address if "://" in backend.address else f"//{backend.address}")
+        if host.hostname not in LOCAL_HOSTS and urlsplit(output).scheme in ("", "file"):
+            found.append(
+                f"output {output} is a local path but the scheduler is {backend.address}: "
+                "each worker writes to its own disk; use a shared path or URL"
+            )
+    if total == 0:
+        found.append("the sources hold no items: the run will do nothing")
+    elif total is not None:
+        partitions = -(-total // plan.config.partition_size)
+        if partitions < backend.workers:
+            found.append(
+                f"{partitions} partition(s) for {backend.workers} workers: some stay idle; "
+                "lower partition_size"
+            )
+    return found
