@@ -1,5 +1,5 @@
 """Sinks on real files read back with each format's own reader: webdataset, pyarrow, numpy;
-fsspec outputs on memory://; and one job writing every sink on every local backend."""
+fsspec outputs on memory://; and one job writing every sink on every backend, distributed included."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ table: {{kind: parquet, input: stats, path: {out}/table, shard_size: 2, include_
 array: {{kind: arrays, input: square, path: {out}/arrays, shape: [16, 24, 3], shard_size: 8}}
 files_out: {{kind: write_images, input: square, path: {out}/images, format: webp, sidecar: true}}
 """
+
+BACKENDS = ["sync", "threads", "processes", "distributed"]
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +127,14 @@ def test_arrays_fail_items_of_the_wrong_shape_and_keep_the_rest(tmp_path, photos
 @pytest.mark.slow
 def test_sinks_write_identical_bytes_on_every_backend(tmp_path, photos):
     contents = {}
-    for backend in ["sync", "threads", "processes"]:
+    for backend in BACKENDS:
         out = tmp_path / backend
         assert run_sinks(tmp_path, photos, str(out), backend)["counts"]["ok"] == 7
         contents[backend] = {
             str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
         }
     assert len(contents["sync"]) == 3 + 4 + 2 * 2 + 14  # tars, parquets, npy + keys, webp + json
-    assert contents["sync"] == contents["threads"] == contents["processes"]
+    assert all(contents[backend] == contents["sync"] for backend in BACKENDS)
 
 
 @pytest.mark.parametrize(
