@@ -1,5 +1,5 @@
 """Sinks on real files read back with each format's own reader: webdataset, pyarrow, numpy;
-fsspec outputs on memory://; and one job writing every sink on every backend, distributed included."""
+fsspec outputs on memory://; one job writing every sink on every backend (distributed too)."""
 
 from __future__ import annotations
 
