@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import fsspec
@@ -150,7 +151,14 @@ def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
 
 
 def load_dropped(path: str) -> dict[str, str]:
-    """Each duplicate's key -> the key kept in its group, from a groups file."""
+    """Each duplicate's key -> the key kept in its group, from a groups file (read once
+    per process and version of the file, not once per partition)."""
+    fs, local = fsspec.core.url_to_fs(path)
+    return _read_dropped(path, fs.checksum(local))
+
+
+@lru_cache(maxsize=4)
+def _read_dropped(path: str, version: int) -> dict[str, str]:
     with fsspec.open(path, "rb") as handle:
         groups = json.load(handle)["members"]
     return {key: group["keep"] for group in groups for key in group["duplicates"]}
