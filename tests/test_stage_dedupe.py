@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.stages.dedupe import HashSummary, UnionFind, groups_of, merge
+from pipeline.stages.dedupe import HashSummary, UnionFind, band_keys, groups_of, merge
 from pipeline.testing.images import jpeg_bytes, photo
 from tests.stage_jobs import decoded_files, records, run_job
 
@@ -124,3 +124,16 @@ def test_tree_of_merges_equals_brute_force(threshold):
     found = {frozenset(int(k) for k in [g["keep"], *g["duplicates"]]) for g in groups_of(result)}
     expected = {group for group in brute_force_groups(hashes, threshold) if len(group) > 1}
     assert found == expected and len(found) >= 5
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("threshold", [1, 4, 8, 13])
+def test_hashes_within_the_threshold_always_share_a_band_key(masked, threshold):
+    rng = np.random.default_rng(threshold)
+    base = rng.integers(0, 2**63, size=500, dtype=np.uint64)
+    flips = [rng.choice(64, threshold, replace=False) for _ in base]  # exactly `threshold` bits
+    near = base ^ np.array([sum(1 << int(b) for b in bits) for bits in flips], dtype=np.uint64)
+    shared = np.zeros(len(base), dtype=bool)
+    for key in band_keys(np.concatenate([base, near]), threshold, masked):
+        shared |= key[: len(base)] == key[len(base) :]
+    assert shared.all()

@@ -15,16 +15,18 @@ becomes a small summary, three flat numpy arrays (20-byte keys, input indices,
 hashes) plus group labels: about 40 bytes an image, never pixels. Summaries are
 merged by tasks on the backend, `fan_in` at a time, level by level (a tree
 reduction). A merge finds candidate pairs by multi-index hashing: the 64 bits
-are cut into `threshold + 1` bands, and by the pigeonhole principle two hashes
-within `threshold` bits agree exactly on at least one band, so only items that
-share a band value are compared; identical hashes are joined first. A
+are cut into bands so that, by the pigeonhole principle, two hashes within
+`threshold` bits share a band key (see `band_keys`); only items that share a key
+are compared, and identical hashes are joined first. A
 union-find over the merged arrays keeps the groups, so a merge only adds links.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -39,6 +41,8 @@ from pipeline.stages.base import Item, Partition, Record
 from pipeline.stages.outputs import join, write_output
 from pipeline.stages.reducing import Reducer
 from pipeline.stages.registry import register
+
+PAIR_CHUNK = 4_000_000  # hash comparisons per array operation (~32 MB of uint64)
 
 
 class DedupeOptions(Options):
@@ -87,21 +91,75 @@ class UnionFind:
             self.parents[max(root_a, root_b)] = min(root_a, root_b)
 
     def labels(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parents))], dtype=np.int64)
+        """Every node's root, by pointer jumping over the whole array at once."""
+        parents = self.parents
+        while not np.array_equal(grandparents := parents[parents], parents):
+            parents = grandparents
+        return parents
 
 
-def bands(threshold: int) -> list[tuple[int, int]]:
-    """(shift, width) of `threshold + 1` bit bands covering all 64 bits."""
-    count = threshold + 1
+def band_edges(count: int) -> list[tuple[int, int]]:
+    """(low, high) bit positions of `count` near-equal bands covering 64 bits."""
     edges = [64 * i // count for i in range(count + 1)]
-    return [(edges[i], edges[i + 1] - edges[i]) for i in range(count)]
+    return list(itertools.pairwise(edges))
 
 
-def equal_runs(values: np.ndarray) -> list[np.ndarray]:
-    """Positions of `values` grouped by equal value, for values shared by two or more."""
+def band_keys(
+    hashes: np.ndarray, threshold: int, masked: bool | None = None
+) -> Iterator[np.ndarray]:
+    """Keys such that any two hashes within `threshold` bits share one of them.
+
+    Pigeonhole, two ways: with `threshold + 1` bands, two such hashes agree on a
+    whole band; with `threshold // 2 + 1` wider bands, they differ in at most one
+    bit of a band, so they agree on it once the same one of its bits is masked
+    (64 keys). Exact bands mean fewer sorts, masked bands fewer random candidate
+    pairs: unless `masked` says, the cheaper one for this many hashes is used.
+    """
+    exact, wide = threshold + 1, threshold // 2 + 1
+    if masked is None:
+        masked = _cost(len(hashes), exact, 64 // exact) > _cost(len(hashes), 64, 64 // wide - 1)
+    if masked:
+        for low, high in band_edges(wide):
+            band = _band(hashes, low, high)
+            for bit in range(high - low):
+                yield band & ~np.uint64(1 << bit)
+    else:
+        for low, high in band_edges(exact):
+            yield _band(hashes, low, high)
+
+
+def _band(hashes: np.ndarray, low: int, high: int) -> np.ndarray:
+    return (hashes >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1)
+
+
+def _cost(items: int, keys: int, bits: int) -> float:
+    """Work for `keys` sorts of `items` plus their random candidate pairs (measured:
+    a sort costs about 6 hash comparisons an item)."""
+    return keys * (6 * items + items * items / 2 ** (bits + 1))
+
+
+def close_pairs(values: np.ndarray, hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """Pairs (i, j) with equal `values` and hashes within `threshold` bits, as a (k, 2) array.
+
+    Runs of equal values are batched by length, so each batch is compared all-pairs
+    in whole-array operations, in chunks of about `PAIR_CHUNK` comparisons.
+    """
     order = np.argsort(values, kind="stable")
-    starts = np.flatnonzero(np.diff(values[order])) + 1
-    return [run for run in np.split(order, starts) if len(run) > 1]
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    lengths = np.diff(np.r_[starts, len(order)])
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for length in np.unique(lengths[lengths > 1]):
+        runs = starts[lengths == length]
+        upper = np.triu(np.ones((length, length), dtype=bool), k=1)
+        chunk = max(1, PAIR_CHUNK // (length * length))
+        for begin in range(0, len(runs), chunk):
+            members = order[runs[begin : begin + chunk, None] + np.arange(length)]
+            bits = hashes[members]
+            close = (np.bitwise_count(bits[:, :, None] ^ bits[:, None, :]) <= threshold) & upper
+            run, i, j = np.nonzero(close)
+            found.append(np.stack([members[run, i], members[run, j]], axis=1))
+    return np.concatenate(found)
 
 
 def concatenate(summaries: list[HashSummary]) -> HashSummary:
@@ -122,20 +180,13 @@ def merge(summaries: list[HashSummary], threshold: int) -> HashSummary:
     joined = concatenate(summaries)
     groups = UnionFind(joined.labels)
     unique, first, inverse = np.unique(joined.hashes, return_index=True, return_inverse=True)
-    for position, representative in enumerate(inverse):
-        groups.union(int(first[representative]), position)  # identical hashes
-    for shift, width in bands(threshold):
-        band = (unique >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        for run in equal_runs(band):
-            link_close(unique[run], first[run], groups, threshold)
+    representatives = first[inverse.ravel()]
+    for position in np.flatnonzero(representatives != np.arange(len(representatives))):
+        groups.union(int(representatives[position]), int(position))  # identical hashes
+    for key in band_keys(unique, threshold) if threshold else ():
+        for a, b in first[close_pairs(key, unique, threshold)]:
+            groups.union(int(a), int(b))
     return HashSummary(joined.keys, joined.indices, joined.hashes, groups.labels())
-
-
-def link_close(hashes: np.ndarray, items: np.ndarray, groups: UnionFind, threshold: int) -> None:
-    """Join every pair among `hashes` within `threshold` bits (items: one per hash)."""
-    distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
-    for a, b in zip(*np.nonzero(np.triu(distances <= threshold, k=1)), strict=True):
-        groups.union(int(items[a]), int(items[b]))
 
 
 def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
