@@ -33,13 +33,16 @@ class ConfigError(PipelineError):
 
 
 class LockHeldError(PipelineError):
-    """Another run of the same job is running."""
+    """Another run of the same job holds the run directory's lock; nothing was touched."""
 
     exit_code = 3
 
 
 class RunIncompleteError(PipelineError):
-    """The run stopped before every item was processed and recorded."""
+    """The run stopped before every item was processed and recorded.
+
+    Items whose partition was not recorded are not marked done: the next run does them.
+    """
 
     exit_code = 4
 
@@ -85,9 +88,25 @@ REASONS: dict[str, str] = {
     "disallowed": "the server asked not to use the image (X-Robots-Tag)",
     "not_regular_file": "a local input is a directory, FIFO, device or dangling link",
     "not_found": "the file or URL does not exist",
+    "outside_root": "a local path (or its symlink target) is outside `local_root`",
     "duplicate": "the same key appeared earlier in this batch",
+    "unchanged": "skipped: done in an earlier run with the same config",
     "transform_error": "a transform could not process the image",
     "write_error": "the output could not be written",
     "worker_lost": "the worker running the item died repeatedly",
     "internal_error": "an unexpected error inside the pipeline (a bug)",
 }
+
+# Failures that may pass on their own: a re-run retries them (others need `--retry-failed`).
+RETRYABLE_REASONS: frozenset[str] = frozenset(
+    {
+        "timeout",
+        "incomplete_body",
+        "connection_error",
+        "protocol_error",
+        "http_5xx",
+        "rate_limited",
+        "write_error",
+        "worker_lost",
+    }
+)

@@ -53,6 +53,6 @@ def test_tour_times_both_jobs_on_every_backend_and_draws_the_chart():
 def test_inspect_results_reports_failures_sizes_and_thumbnails():
     text, kinds = outputs(execute("inspect_results.ipynb"))
     assert "'counts': {'failed': 5, 'ok': 17, 'skipped': 0}" in text
-    for row in ["| `http_4xx` | 2 | download |", "| `corrupt` | 1 | decode |", "| `empty` | 1 |"]:
+    for row in ["| `http_4xx` | 2 | download |", "| `truncated` | 1 | decode |", "| `empty` | 1 |"]:
         assert row in text
     assert kinds.count("image/png") == 2  # the histograms and the contact sheet

@@ -184,6 +184,7 @@ stats: {{kind: stats, input: user}}
 hash: {{kind: phash, input: stats}}
 array: {{kind: to_array, input: hash, dtype: float32, mean: [0.5], std: [0.25]}}
 write: {{kind: write_images, input: gray, path: gray, format: png}}
+arrays: {{kind: arrays, input: array, path: arrays, shape: [32, 32]}}
 """
 
 
@@ -205,3 +206,7 @@ def test_transform_chain_gives_the_same_records_on_every_backend(tmp_path):
         assert [Image.open(p).size for p in outputs] == [(32, 32)] * 6
     assert results["sync"] == results["threads"] == results["processes"]
     assert results["sync"][0]["array_shape"] == [32, 32] and results["sync"][0]["aspect"] == 1.0
+    stacked = np.concatenate(
+        [np.load(p) for p in sorted((tmp_path / "sync" / "arrays").glob("*.npy"))]
+    )
+    assert stacked.shape == (6, 32, 32) and stacked.dtype == np.float32  # normalised grey

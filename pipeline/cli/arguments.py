@@ -63,4 +63,6 @@ def request_from(args: argparse.Namespace) -> RunRequest:
         backend=getattr(args, "backend", None),
         workers=getattr(args, "workers", None),
         scheduler=getattr(args, "scheduler", None),
+        retry_failed=getattr(args, "retry_failed", False),
+        full=getattr(args, "full", False),
     )

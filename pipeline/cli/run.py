@@ -27,6 +27,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="when stderr is not a terminal, log progress this often (default 10)",
     )
+    run_parser.add_argument(
+        "--retry-failed", action="store_true", help="retry every failed item, not only retryable"
+    )
+    run_parser.add_argument(
+        "--full", action="store_true", help="ignore the manifest: redo every item"
+    )
     run_parser.set_defaults(handler=command_run)
 
     validate_parser = commands.add_parser("validate", help="check a config and report all errors")
@@ -73,6 +79,10 @@ def summary(report: dict[str, Any]) -> str:
     ]
     for reason, count in report["failures_by_reason"].items():
         lines.append(f"  failed: {reason} x{count}")
+    for reason, count in report["skipped_by_reason"].items():
+        lines.append(f"  skipped: {reason} x{count}")
+    if report.get("failures_tolerated"):
+        lines.append("  failures are within max_failed / max_failed_fraction: exit 0")
     lines.append(f"  results: {_results(report)}, report: {report['run_dir']}/report.json")
     return "\n".join(lines)
 

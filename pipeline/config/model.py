@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from pipeline.config.document import ConfigDocument, Loc
 
@@ -69,6 +69,16 @@ class JobConfig(Options):
     backend: BackendConfig = BackendConfig()
     partition_size: PositiveInt = Field(64, description="Items per Dask task")
     stages: dict[str, StageConfig] = Field(description="Named stages; input/inputs make the edges")
+    log_file: bool = Field(False, description="Also append log lines to RUN_DIR/pipeline.log")
+    max_failed: NonNegativeInt | None = Field(
+        None, description="Exit 0 if at most this many items failed in a run; default: none"
+    )
+    max_failed_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Exit 0 if at most this fraction of the items processed in a run failed",
+    )
 
 
 def validate_model(

@@ -9,7 +9,7 @@ the graph and the client's memory stay small however long the input is.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
 from itertools import chain
 
 from pipeline.errors import ItemError, PipelineError
@@ -73,6 +73,8 @@ def _collect(in_flight: dict[Future[list[Record]], Partition], on_records: OnRec
 def _task_error(exc: Exception) -> ItemError:
     if type(exc).__name__ == "KilledWorker":
         return ItemError("worker_lost", f"the partition's worker died repeatedly: {exc}")
+    if isinstance(exc, BrokenExecutor):
+        return ItemError("worker_lost", f"the partition's worker died: {exc}")
     return ItemError("internal_error", f"{type(exc).__name__}: {exc}")
 
 

@@ -8,6 +8,7 @@ depends on (no sinks), reduces, and concludes; the main pass reads the conclusio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,8 @@ from pipeline.plan import Plan
 from pipeline.stages.base import Record
 from pipeline.stages.reducing import Reducer
 from pipeline.stages.registry import stage_kinds
+
+After = Callable[[Executor | None], None]
 
 
 def combine_task(plan: Plan, name: str, summaries: list[Any]) -> Any:
@@ -75,7 +78,12 @@ class Reductions:
             if name not in self.results:
                 self.summaries[name].append(reducer.summarize(records))
 
-    def run(self, executor: Executor) -> None:
+    def run(self, executor: Executor | None) -> None:
+        """Reduce and conclude, with tasks on `executor` (None: in this process)."""
+        if executor is None:
+            from dask.local import SynchronousExecutor
+
+            executor = SynchronousExecutor()
         for name, reducer in self.reducers.items():
             if name not in self.results:
                 summary = self.tree_reduce(executor, name, reducer.fan_in)

@@ -3,6 +3,11 @@
 Image bytes and decoded pixels live only here; the task returns the small
 per-input result records. Each worker process compiles a plan once and keeps
 its stages (and their connection pools) for every later partition.
+
+A partition may name, per item, the sinks still to run (an incremental run
+whose config changed for one branch): items then flow only along the stages
+that lead to those sinks, and each record's `sink_outputs` says what every
+sink that ran wrote.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.plan import Plan
 from pipeline.stages.base import Item, Partition, Record, Step
+from pipeline.stages.reducing import is_output
 
 _compiled: dict[str, CompiledPlan] = {}
 _compile_lock = threading.Lock()
@@ -24,6 +30,7 @@ class CompiledPlan:
     steps: dict[str, Step]
     consumers: dict[str, tuple[str, ...]]
     order: tuple[str, ...]
+    sinks_below: dict[str, frozenset[str]]  # the sinks each stage feeds (a sink: itself)
 
 
 def compiled(plan: Plan) -> CompiledPlan:
@@ -34,8 +41,17 @@ def compiled(plan: Plan) -> CompiledPlan:
             steps = {name: stage for name, stage in stages.items() if isinstance(stage, Step)}
             consumers = {node.name: plan.consumers(node.name) for node in plan.nodes}
             order = tuple(node.name for node in plan.nodes if node.name in steps)
-            _compiled[plan.fingerprint] = CompiledPlan(steps, consumers, order)
+            _compiled[plan.fingerprint] = CompiledPlan(steps, consumers, order, sinks_below(plan))
         return _compiled[plan.fingerprint]
+
+
+def sinks_below(plan: Plan) -> dict[str, frozenset[str]]:
+    """For every stage, the sinks (and reducers) its output reaches (one reaches itself)."""
+    below: dict[str, frozenset[str]] = {}
+    for node in reversed(plan.nodes):
+        own = {node.name} if is_output(node) else set()
+        below[node.name] = frozenset(own.union(*(below[c] for c in plan.consumers(node.name))))
+    return below
 
 
 def run_partition(plan: Plan, partition: Partition) -> list[Record]:
@@ -43,18 +59,45 @@ def run_partition(plan: Plan, partition: Partition) -> list[Record]:
     compiled_plan = compiled(plan)
     bound = {name: step.for_partition(partition) for name, step in compiled_plan.steps.items()}
     records = [item.new_record() for item in partition.items]
+    wanted = {}
+    if partition.sinks is not None:
+        wanted = dict(zip((r["key"] for r in records), partition.sinks, strict=True))
+    router = _Router(bound, compiled_plan, wanted)
     for root in compiled_plan.consumers[partition.source]:
-        inputs = (Item(record, None, {"from": partition.source}) for record in records)
+        inputs = (
+            Item(record, None, {"from": partition.source})
+            for record in records
+            if router.wants(root, record)
+        )
         for item in bound[root].stream(inputs):
-            _push(bound, compiled_plan.consumers, root, item)
+            router.push(root, item)
     for name in compiled_plan.order:
         bound[name].finish()
     return records
 
 
-def _push(bound: dict[str, Step], consumers: dict[str, tuple[str, ...]], name: str, item: Item):
-    """Hand `item`, produced by stage `name`, to each of its consumers, depth first."""
-    for consumer in consumers[name]:
-        result = bound[consumer].run_one(item.derive(item.data, **{"from": name}))
-        if result is not None:
-            _push(bound, consumers, consumer, result)
+@dataclass(frozen=True)
+class _Router:
+    """Hands items from stage to stage, only towards the sinks each item still needs."""
+
+    bound: dict[str, Step]
+    plan: CompiledPlan
+    wanted: dict[str, frozenset[str]]  # item key -> sinks to run; a key not here: all
+
+    def wants(self, stage: str, record: Record) -> bool:
+        sinks = self.wanted.get(record["key"])
+        return sinks is None or not sinks.isdisjoint(self.plan.sinks_below[stage])
+
+    def push(self, name: str, item: Item) -> None:
+        """Hand `item`, produced by stage `name`, to each consumer it needs, depth first."""
+        for consumer in self.plan.consumers[name]:
+            if not self.wants(consumer, item.record):
+                continue
+            written = len(item.record["outputs"])
+            result = self.bound[consumer].run_one(item.derive(item.data, **{"from": name}))
+            if result is None:
+                continue
+            if consumer in self.plan.sinks_below[consumer]:  # a sink
+                outputs = item.record.setdefault("sink_outputs", {}).setdefault(consumer, [])
+                outputs.extend(item.record["outputs"][written:])
+            self.push(consumer, result)

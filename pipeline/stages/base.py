@@ -72,6 +72,7 @@ class Partition:
     index: int
     source: str
     items: tuple[SourceItem, ...]
+    sinks: tuple[frozenset[str], ...] | None = None  # per item, the sinks to run; None: all
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Stage:
     role: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
     description: ClassVar[str] = ""
+    # Options that change speed or politeness, never an item's outputs (not fingerprinted).
+    tuning_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, options: Options, job: JobContext):
         self.name = name
@@ -124,6 +127,10 @@ class Stage:
 
     def connect_inputs(self, inputs: list[Stage]) -> None:
         """Called once the DAG is built with the stages this one reads from."""
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """What this stage's output depends on besides its input; a change redoes items."""
+        return self.options.model_dump(mode="json", exclude=set(self.tuning_options))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

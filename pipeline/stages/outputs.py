@@ -27,13 +27,24 @@ from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.stages.base import Record
 
 # Errors that no other item could avoid either: stop the run instead of failing every item.
-FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+# Names of the temp files `atomic_write` renames into place; a killed run may leave some.
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_STEM = 40
 SPOOL_BYTES = 64 * 1024 * 1024
 # Record keys that describe the run rather than the item: left out of output metadata.
-_RUN_KEYS = ("status", "stage", "reason", "message", "outputs", "timings")
+_RUN_KEYS = (
+    "status",
+    "stage",
+    "reason",
+    "message",
+    "outputs",
+    "sink_outputs",
+    "timings",
+    "attempts",
+)
 
 
 def safe_stem(url: str) -> str:
@@ -103,7 +114,7 @@ class AtomicFile:
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:
             fd, self._tmp = tempfile.mkstemp(
-                dir=os.path.dirname(self._target) or ".", prefix=".tmp-", suffix=".part"
+                dir=os.path.dirname(self._target) or ".", prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX
             )
             self.file: IO[bytes] = os.fdopen(fd, "wb")
         else:

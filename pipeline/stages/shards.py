@@ -2,10 +2,11 @@
 
 Each partition's task gets its own writer (`for_partition`): items are buffered and
 every `shard_size` of them become one file named `<prefix>-<partition>-<n>.<ext>`,
-written atomically; `finish` writes the rest. Names and contents depend only on
-the partition, so every backend writes the same shards. If a shard cannot be
-written, its items are marked failed (a fatal error such as a full disk stops
-the run instead).
+written atomically; `finish` writes the rest. An item's record names its shard
+as soon as the item is buffered (the record goes back only after `finish`).
+Names and contents depend only on the partition, so every backend writes the
+same shards. If a shard cannot be written, its items are marked failed (a fatal
+error such as a full disk stops the run instead).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ShardedSink(Sink):
 
     def process(self, item: Item) -> Item:
         self.pending.append((item, self.row(item)))
+        self.add_output(item, self.shard_path())  # the shard it goes into, written by flush
         if len(self.pending) >= self.options.shard_size:  # type: ignore[attr-defined]
             self.flush()
         return item
@@ -76,9 +78,14 @@ class ShardedSink(Sink):
         except ItemError as error:
             for item, _ in pending:
                 item.fail(self.name, error)
-            return
-        for item, _ in pending:
-            self.add_output(item, path)
+                self.unrecord(item, path)
+
+    def unrecord(self, item: Item, path: str) -> None:
+        """Take back an output recorded for a shard that was not written."""
+        item.record["outputs"].remove(path)
+        written = item.record.get("sink_outputs", {}).get(self.name, [])
+        if path in written:
+            written.remove(path)
 
     def write_atomically(self, path: str, rows: list[Any]) -> None:
         try:

@@ -49,6 +49,7 @@ class RunStats:
     clock: float = field(default_factory=time.perf_counter)
     statuses: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
     stage_seconds: Counter[str] = field(default_factory=Counter)
 
     def add(self, records: list[Record]) -> None:
@@ -56,6 +57,8 @@ class RunStats:
             self.statuses[record["status"]] += 1
             if record["reason"] and record["status"] == "failed":
                 self.reasons[record["reason"]] += 1
+            if record["reason"] and record["status"] == "skipped":
+                self.skip_reasons[record["reason"]] += 1
             self.stage_seconds.update(record["timings"])
 
     @property
@@ -71,15 +74,36 @@ class RunStats:
         processed = self.items - self.statuses["skipped"]
         return {
             **context,
-            "started_at": _iso(self.started),
-            "finished_at": _iso(time.time()),
+            "started_at": iso_time(self.started),
+            "finished_at": iso_time(time.time()),
             "wall_seconds": round(wall, 3),
             "items": self.items,
             "counts": {status: self.statuses[status] for status in ("ok", "failed", "skipped")},
             "failures_by_reason": dict(self.reasons.most_common()),
+            "skipped_by_reason": dict(self.skip_reasons.most_common()),
             "items_per_second": round(processed / wall, 2) if wall > 0 else None,
             "stage_seconds": {name: round(s, 3) for name, s in self.stage_seconds.items()},
         }
+
+
+def items_exit_code(
+    counts: dict[str, int], max_failed: int | None, max_failed_fraction: float | None
+) -> tuple[int, bool]:
+    """(exit code, failures tolerated): 1 if items failed beyond the thresholds, else 0.
+
+    Without thresholds any failure fails the run. The fraction is of the items
+    processed in this run (ok + failed), not of those skipped.
+    """
+    failed = counts["failed"]
+    if failed == 0:
+        return 0, False
+    if max_failed is None and max_failed_fraction is None:
+        return 1, False
+    processed = counts["ok"] + failed
+    within = (max_failed is None or failed <= max_failed) and (
+        max_failed_fraction is None or failed <= max_failed_fraction * processed
+    )
+    return (0, True) if within else (1, False)
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
@@ -88,5 +112,5 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def _iso(timestamp: float) -> str:
+def iso_time(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))

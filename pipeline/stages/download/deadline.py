@@ -1,0 +1,111 @@
+"""A total time limit per download attempt, enforced by shutting sockets down.
+
+Socket timeouts bound each `recv`, not a whole response: a server that sends
+one byte per second never trips them. A `Deadline` is entered around an
+attempt; connections register their sockets with the current deadline, and
+one watchdog thread per process shuts those sockets down when it expires, so
+the blocked read returns at once and the attempt fails as a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import socket
+import threading
+import time
+
+_current = threading.local()
+
+
+class Deadline:
+    """The time limit of one attempt, and the sockets it may have to cut."""
+
+    def __init__(self, seconds: float):
+        self.expires_at = time.monotonic() + seconds
+        self.expired = False
+        self._finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def remaining(self) -> float:
+        return self.expires_at - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Cut `sock` when the deadline expires (at once if it already has)."""
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def __enter__(self) -> Deadline:
+        _current.deadline = self
+        WATCHDOG.add(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.deadline = None
+        with self._lock:
+            self._finished = True
+            self._sockets.clear()
+
+
+def watch_current(sock: socket.socket | None) -> None:
+    """Register `sock` with the deadline of the attempt running in this thread."""
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: cut the TCP stream under TLS too.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class Watchdog:
+    """One daemon thread per process that expires deadlines in time order."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Start empty (also in a forked child, which has no watchdog thread)."""
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._counter = itertools.count()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        with self._wakeup:
+            heapq.heappush(self._heap, (deadline.expires_at, next(self._counter), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="download-watchdog")
+                self._thread.daemon = True
+                self._thread.start()
+            self._wakeup.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._wakeup.wait(wait)
+                _, _, deadline = heapq.heappop(self._heap)
+            deadline.expire()
+
+
+WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._reset)

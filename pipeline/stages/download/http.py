@@ -1,0 +1,278 @@
+"""http(s) under the download policy: guarded connections, redirects, retries, caps.
+
+Every connection resolves its host, refuses non-public addresses unless
+allowed, connects to exactly the address it checked and verifies the peer;
+redirects are followed by hand, so each hop goes through the same check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    DecodeError,
+    LocationValueError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+)
+
+from pipeline.errors import ItemError
+from pipeline.stages.base import Record
+from pipeline.stages.download.deadline import Deadline, watch_current
+from pipeline.stages.download.options import DownloadOptions
+from pipeline.stages.download.policy import (
+    AddressPolicy,
+    BlockedAddress,
+    RetryPolicy,
+    check_robots_tag,
+)
+
+CHUNK = 64 * 1024
+TRANSIENT_STATUSES = {408, 429}  # retried, like every 5xx
+
+
+class RetryableError(Exception):
+    """A failed attempt worth another try (after `retry_after`, if the server said)."""
+
+    def __init__(self, error: ItemError, retry_after: str | None = None):
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+class _Guarded:
+    """Mixin for urllib3 connections: policy-checked connect, deadline-watched socket."""
+
+    policy: AddressPolicy = AddressPolicy()
+    _dns_host: str
+    port: int
+    host: str
+    sock: socket.socket | None
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            address = self.policy.resolve(self._dns_host, self.port)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        dns_host, self._dns_host = self._dns_host, address  # connect to what was checked
+        try:
+            sock = super()._new_conn()  # type: ignore[misc]
+        finally:
+            self._dns_host = dns_host
+        peer = ipaddress.ip_address(sock.getpeername()[0].split("%")[0])
+        if not self.policy.permits(self.host, peer, self.port):
+            sock.close()
+            raise BlockedAddress(f"{self.host} connected to {peer}, which is not allowed")
+        return sock
+
+    def request(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        watch_current(self.sock)
+
+
+class GuardedHTTPConnection(_Guarded, HTTPConnection):
+    pass
+
+
+class GuardedHTTPSConnection(_Guarded, HTTPSConnection):
+    pass
+
+
+def _bind(pool: type, connection: type, policy: AddressPolicy) -> type:
+    """A pool class whose connections enforce `policy`."""
+    bound = type(connection.__name__, (connection,), {"policy": policy})
+    return type(pool.__name__, (pool,), {"ConnectionCls": bound})
+
+
+def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
+    manager = urllib3.PoolManager(
+        num_pools=64,
+        maxsize=options.concurrency,
+        block=False,
+        retries=False,
+        timeout=urllib3.Timeout(
+            connect=min(options.connect_timeout, options.timeout),
+            read=min(options.read_timeout, options.timeout),
+        ),
+    )
+    policy = AddressPolicy.from_entries(options.allow_hosts)
+    manager.pool_classes_by_scheme = {
+        "http": _bind(HTTPConnectionPool, GuardedHTTPConnection, policy),
+        "https": _bind(HTTPSConnectionPool, GuardedHTTPSConnection, policy),
+    }
+    return manager
+
+
+class HostSlots:
+    """At most `limit` requests in flight per host; idle hosts take no memory."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._busy: dict[str, int] = {}
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, host: str) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy.get(host, 0) < self.limit)
+            self._busy[host] = self._busy.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy[host] -= 1
+                if not self._busy[host]:
+                    del self._busy[host]
+                self._changed.notify_all()
+
+
+class HttpFetcher:
+    """Fetches http(s) URLs for one set of options; shared by a process's threads."""
+
+    def __init__(self, options: DownloadOptions):
+        self.options = options
+        self.pool = guarded_pool_manager(options)
+        self.retry = RetryPolicy(options.backoff, options.backoff_max, options.retry_after_max)
+        self.slots = HostSlots(options.per_host)
+        self.headers = {"User-Agent": options.user_agent}
+        self.redirect_schemes = {"http", "https"} & set(options.allow_schemes)
+
+    def fetch(self, url: str, record: Record) -> bytes:
+        """The body of `url`, retrying what is worth retrying; `record["attempts"]` counts."""
+        attempt = 1
+        while True:
+            record["attempts"] = attempt
+            try:
+                return self._attempt(url)
+            except RetryableError as failure:
+                if attempt > self.options.retries:
+                    raise failure.error from None
+                time.sleep(self.retry.delay(attempt, failure.retry_after))
+            attempt += 1
+
+    def _attempt(self, url: str) -> bytes:
+        with self.slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
+            try:
+                response = self._open(url)
+                return self._read(response, dl)
+            except BlockedAddress as exc:
+                raise ItemError("blocked_address", str(exc)) from None
+            except urllib3.exceptions.HTTPError as exc:
+                raise classify(exc, dl) from None
+
+    def _open(self, url: str) -> urllib3.BaseHTTPResponse:
+        """GET `url`, following at most `max_redirects` redirects, each hop checked."""
+        seen = {url}
+        for _ in range(self.options.max_redirects + 1):
+            response = self.pool.urlopen(
+                "GET", url, redirect=False, preload_content=False, headers=self.headers
+            )
+            location = response.get_redirect_location()
+            if not location:
+                return self._checked(response)
+            _discard(response)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme.lower() not in self.redirect_schemes:
+                raise ItemError("blocked_scheme", f"redirect to a blocked scheme: {url[:200]}")
+            if url in seen:
+                raise ItemError("too_many_redirects", f"redirect loop back to {url[:200]}")
+            seen.add(url)
+        raise ItemError("too_many_redirects", f"more than {self.options.max_redirects} redirects")
+
+    def _checked(self, response: urllib3.BaseHTTPResponse) -> urllib3.BaseHTTPResponse:
+        """The response if its status and headers allow reading the body; else raise."""
+        try:
+            error = status_error(response.status, response.headers.get("Retry-After"))
+            if error:
+                raise error
+            if self.options.respect_robots_tag:
+                check_robots_tag(response.headers.getlist("X-Robots-Tag"))
+        except Exception:
+            _discard(response)
+            raise
+        return response
+
+    def _read(self, response: urllib3.BaseHTTPResponse, deadline: Deadline) -> bytes:
+        try:
+            data = read_capped(response, self.options.max_bytes)
+        except BaseException:
+            _discard(response)
+            raise
+        if deadline.expired:  # a cut connection can look like the end of a body
+            _discard(response)
+            raise RetryableError(ItemError("timeout", f"over {self.options.timeout}s in total"))
+        response.release_conn()  # fully read: the connection may be reused
+        return data
+
+
+def status_error(status: int, retry_after: str | None) -> Exception | None:
+    """The failure a final (non-redirect) status means, or None for 2xx."""
+    if 200 <= status < 300:
+        return None
+    if status in TRANSIENT_STATUSES or status >= 500:
+        reason = "rate_limited" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
+        return RetryableError(ItemError(reason, f"HTTP {status}"), retry_after)
+    if status >= 400:
+        return ItemError("http_4xx", f"HTTP {status}")
+    return ItemError("protocol_error", f"unexpected HTTP {status}")
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close, never return a half-read connection to the pool."""
+    response.close()
+    response.release_conn()
+
+
+def read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int) -> bytes:
+    """The decoded body, refusing more than `max_bytes` (declared or actual)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ItemError("too_large", f"Content-Length {declared} exceeds {max_bytes}")
+    chunks, total = [], 0
+    for chunk in response.stream(CHUNK, decode_content=True):
+        total += len(chunk)
+        if total > max_bytes:
+            raise ItemError("too_large", f"body exceeds {max_bytes} bytes (decoded)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def classify(exc: urllib3.exceptions.HTTPError, deadline: Deadline) -> Exception:
+    """The item error for a urllib3 failure; transient ones are retryable."""
+    cause = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else None
+    refused = isinstance(exc, NewConnectionError)  # a subclass of ConnectTimeoutError
+    if deadline.expired or (isinstance(exc, urllib3.exceptions.TimeoutError) and not refused):
+        return RetryableError(ItemError("timeout", str(exc)[:300]))
+    if isinstance(cause, http.client.IncompleteRead):
+        return ItemError("incomplete_body", f"body ended early: {cause!r}")
+    if isinstance(exc, DecodeError) or (
+        isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError)
+    ):
+        return ItemError("protocol_error", str(exc)[:300])
+    if isinstance(exc, LocationValueError):
+        return ItemError("invalid_url", str(exc)[:300])
+    return RetryableError(ItemError("connection_error", str(exc)[:300]))
+
+
+_fetchers: dict[str, HttpFetcher] = {}
+_fetchers_lock = threading.Lock()
+
+
+def fetcher_for(options: DownloadOptions) -> HttpFetcher:
+    """One fetcher (pools, host slots) per process and option set."""
+    key = options.model_dump_json()
+    with _fetchers_lock:
+        if key not in _fetchers:
+            _fetchers[key] = HttpFetcher(options)
+        return _fetchers[key]

@@ -1,0 +1,182 @@
+"""The manifest: what every item's last attempt left, kept across runs in SQLite.
+
+SQLite in WAL mode, because it gives exactly what a cron job needs from the
+standard library: one transaction per finished partition is atomic and
+survives `kill -9` (and power loss, with synchronous=FULL) at any moment, a key
+is found through an index in microseconds however many runs came before, and
+`status` can read while a run writes. Segments of jsonl/parquet would need our
+own compaction, dedup and index to do the same.
+
+    items(key, url, status, stage, reason, message, attempt, run_id, updated_at)
+    sinks(key, sink, fingerprint, outputs)   one row per sink an item is done for
+
+`attempt` is the fingerprint of the sinks the last attempt ran, so a failure
+is retried when the config it failed under changed. A per-connection TEMP
+table of the keys seen in this run finds duplicate lines without holding every
+key of a long list in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+from pipeline.stages.base import Record, SourceItem
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT,
+    reason TEXT,
+    message TEXT,
+    attempt TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    updated_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sinks (
+    key TEXT NOT NULL,
+    sink TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    PRIMARY KEY (key, sink)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the manifest knows about one key."""
+
+    status: str
+    reason: str | None
+    attempt: str
+    run_id: str
+    sinks: dict[str, tuple[str, list[str]]]  # sink -> (fingerprint, outputs)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What this run asked of an item: the sinks to run, with their fingerprints."""
+
+    sinks: dict[str, str]
+    fingerprint: str
+
+
+class Manifest:
+    """The run directory's item database. Use as a context manager."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        if read_only:
+            if not self.path.is_file():
+                raise ConfigError(f"no manifest at {self.path}: has a run used this directory?")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        else:
+            self.db = sqlite3.connect(self.path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA temp_store=FILE")  # the keys seen in a run stay on disk
+            self.db.executescript(SCHEMA)
+            self.db.execute("CREATE TEMP TABLE seen (key TEXT PRIMARY KEY, line INTEGER)")
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def first_seen(self, items: Iterable[SourceItem]) -> list[int | None]:
+        """Note `items` as seen in this run; per item, the line its key was first seen on
+        if that was earlier (a duplicate), else None."""
+        earlier: list[int | None] = []
+        with self._transaction():
+            for item in items:
+                inserted = self.db.execute(
+                    "INSERT INTO seen (key, line) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                    (item.key, item.index),
+                ).rowcount
+                line = None
+                if not inserted:
+                    (line,) = self.db.execute(
+                        "SELECT line FROM seen WHERE key = ?", (item.key,)
+                    ).fetchone()
+                earlier.append(line)
+        return earlier
+
+    def lookup(self, key: str) -> Entry | None:
+        row = self.db.execute(
+            "SELECT status, reason, attempt, run_id FROM items WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        sinks = {
+            sink: (fingerprint, json.loads(outputs))
+            for sink, fingerprint, outputs in self.db.execute(
+                "SELECT sink, fingerprint, outputs FROM sinks WHERE key = ?", (key,)
+            )
+        }
+        return Entry(*row, sinks=sinks)
+
+    def commit(self, records: list[Record], attempts: dict[str, Attempt], run_id: str) -> None:
+        """Record one finished partition atomically (its outputs are already written)."""
+        now = time.time()
+        with self._transaction():
+            for record in records:
+                attempt = attempts[record["key"]]
+                self.db.execute(
+                    "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record["key"],
+                        record["url"],
+                        record["status"],
+                        record["stage"],
+                        record["reason"],
+                        record["message"],
+                        attempt.fingerprint,
+                        run_id,
+                        now,
+                    ),
+                )
+                self._mark_done(record, attempt)
+
+    def _mark_done(self, record: Record, attempt: Attempt) -> None:
+        """An ok item is done for every sink it was sent to; a failed one for those that
+        wrote (their files now follow the new config), the others keep their old rows."""
+        outputs = record.get("sink_outputs", {})
+        self.db.executemany(
+            "INSERT OR REPLACE INTO sinks VALUES (?, ?, ?, ?)",
+            [
+                (record["key"], sink, fingerprint, json.dumps(outputs.get(sink, [])))
+                for sink, fingerprint in attempt.sinks.items()
+                if record["status"] == "ok" or sink in outputs
+            ],
+        )
+
+    def totals(self) -> Counter[tuple[str, str | None]]:
+        """Items by (status, reason)."""
+        rows = self.db.execute("SELECT status, reason, count(*) FROM items GROUP BY 1, 2")
+        return Counter({(status, reason): count for status, reason, count in rows})
+
+    def sink_totals(self) -> Counter[str]:
+        """Items done, by sink."""
+        rows = self.db.execute("SELECT sink, count(*) FROM sinks GROUP BY 1")
+        return Counter(dict(rows.fetchall()))

@@ -1,0 +1,160 @@
+"""Crash safety: `kill -9` mid-batch, re-run, and the result equals a clean run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.execution.runner import RunRequest, run
+from pipeline.testing.images import jpeg_bytes, photo
+from pipeline.testing.server import TestServer
+from tests.conftest import REPO
+from tests.test_backends import JOB, outputs, records
+
+ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def slow_urls(tmp_path_factory):
+    """A URL list served with 0.3 s latency per request: a run takes seconds."""
+    with TestServer(latency=0.3) as server:
+        urls = [
+            server.add_bytes(f"/slow/{i}.jpg", jpeg_bytes(photo(120, 90, seed=i)))
+            for i in range(ITEMS)
+        ]
+        path = tmp_path_factory.mktemp("slow") / "urls.txt"
+        path.write_text("\n".join(urls) + "\n")
+        yield path
+
+
+def start_run(config: Path, *args: str) -> subprocess.Popen:
+    """`python -m pipeline run CONFIG` in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def manifest_items(run_dir: Path, name: str = "manifest.sqlite") -> int:
+    """Items recorded in the manifest so far (0 before it exists)."""
+    try:
+        with sqlite3.connect(f"file:{run_dir / name}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM items").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def clean_outputs(tmp_path_factory, slow_urls):
+    """The outputs of one uninterrupted run: what every resumed run must end with."""
+    base = tmp_path_factory.mktemp("clean")
+    config = base / "clean.yaml"
+    config.write_text(JOB.format(out=base / "out", urls=slow_urls))
+    run(RunRequest(config=config))
+    return outputs(base / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 20], ids=["early", "late"])
+def test_kill_9_mid_batch_then_rerun_equals_clean_run(
+    write_config, slow_urls, clean_outputs, tmp_path, kill_after
+):
+    out = tmp_path / "out"
+    config = write_config(JOB.format(out=out, urls=slow_urls))
+    process = start_run(config)
+    wait_for(lambda: manifest_items(out) >= kill_after)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    done_before = manifest_items(out)
+    assert kill_after <= done_before < ITEMS, "the kill must land mid-batch"
+
+    report = run(RunRequest(config=config))  # the dead run's lock does not block this one
+
+    assert report["counts"] == {"ok": ITEMS - done_before, "failed": 0, "skipped": done_before}
+    assert report["skipped_by_reason"] == {"unchanged": done_before}
+    keys = [r["key"] for r in records(out)]
+    assert len(keys) == len(set(keys)) == ITEMS
+    assert manifest_items(out) == ITEMS
+    assert outputs(out) == clean_outputs
+    assert len(clean_outputs) == 2 * ITEMS
+    empty = [name for name, data in outputs(out).items() if not data]
+    assert not [*out.rglob(".tmp-*"), *empty]
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The process pool's worker processes started by `pid` (spawned, not the tracker)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"spawn_main" in command:
+            workers.append(int(stat.parent.name))
+    return workers
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, clean_outputs, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(JOB.format(out=out, urls=slow_urls).replace("threads", "processes"))
+    process = start_run(config)
+    wait_for(lambda: manifest_items(out) >= 3 and pool_workers(process.pid))
+    os.kill(pool_workers(process.pid)[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (1, 4), stderr  # worker_lost items, or the pool broke: exit 4
+    assert manifest_items(out) < ITEMS
+
+    report = run(RunRequest(config=config, backend="threads"))
+
+    assert report["counts"]["failed"] == 0
+    assert manifest_items(out) == ITEMS
+    assert outputs(out) == clean_outputs
+
+
+WRITE_FOREVER = """
+import sys
+from pipeline.state.manifest import Attempt, Manifest
+
+attempt = Attempt({"write": "fingerprint"}, "attempt")
+with Manifest(sys.argv[1]) as manifest:
+    for batch in range(10**9):
+        records = [
+            {"key": f"{batch}-{i}", "url": "u", "status": "ok", "stage": None, "reason": None,
+             "message": None, "sink_outputs": {"write": [f"out/{batch}-{i}.jpg"]}}
+            for i in range(7)
+        ]
+        manifest.commit(records, {record["key"]: attempt for record in records}, "run")
+"""
+
+
+def test_manifest_survives_kill_9_mid_commit(tmp_path):
+    """Partitions of 7 committed in a tight loop, killed at once: whole partitions or none."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_FOREVER, str(tmp_path / "m.sqlite")])
+    wait_for(lambda: manifest_items(tmp_path, "m.sqlite") >= 70)
+    writer.kill()
+    writer.wait(timeout=30)
+    with sqlite3.connect(tmp_path / "m.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        items = db.execute("SELECT count(*) FROM items").fetchone()[0]
+        sinks = db.execute("SELECT count(*) FROM sinks").fetchone()[0]
+    assert items % 7 == 0 and items == sinks >= 70
