@@ -137,3 +137,12 @@ def test_hashes_within_the_threshold_always_share_a_band_key(masked, threshold):
     for key in band_keys(np.concatenate([base, near]), threshold, masked):
         shared |= key[: len(base)] == key[len(base) :]
     assert shared.all()
+
+
+def test_a_second_incremental_run_still_groups_the_whole_batch(tmp_path, crafted):
+    folder, _ = crafted
+    stages = "hash: {kind: phash, input: decode}\nnear: {kind: dedupe, input: hash, threshold: 12}"
+    for _ in range(2):
+        report = run_job(tmp_path, decoded_files(folder), stages, backend="threads")
+        assert report["reductions"]["near"]["groups"] == FAMILIES
+        assert report["reductions"]["near"]["items"] == FAMILIES * 4 + SINGLES

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -235,6 +236,12 @@ class Dedupe(Reducer):
     @classmethod
     def first_pass_options(cls, options: Options) -> Options:
         return options.model_copy(update={"drop": False})
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """Groups span the whole batch, so an incremental run must hash every item again
+        (a new fingerprint each run); with `drop`, the first pass already does."""
+        data = super().fingerprint_data()
+        return data if self.options.drop else {**data, "run": uuid.uuid4().hex}  # type: ignore[attr-defined]
 
     @property
     def groups_path(self) -> str:
