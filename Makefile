@@ -11,10 +11,16 @@ SCHEDULER ?=
 ARGS      ?=
 PYTEST_ARGS ?=
 
+# `make cluster`: a real dask scheduler + workers on 127.0.0.1; pids and logs in CLUSTER_DIR.
+CLUSTER_DIR     ?= .cluster
+CLUSTER_WORKERS ?= 2
+CLUSTER_THREADS ?= 1
+CLUSTER_PORT    ?= 8786
+
 RUN_FLAGS := $(if $(BACKEND),--backend $(BACKEND)) $(if $(WORKERS),--workers $(WORKERS)) \
              $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean cluster cluster-down
 
 setup: $(STAMP)
 
@@ -27,6 +33,13 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python -m pipeline run $(CONFIG) $(RUN_FLAGS)
+
+cluster: $(STAMP)
+	$(BIN)/python -m pipeline.testing.cluster up --dir $(CLUSTER_DIR) --port $(CLUSTER_PORT) \
+		--workers $(CLUSTER_WORKERS) --threads $(CLUSTER_THREADS)
+
+cluster-down: $(STAMP)
+	$(BIN)/python -m pipeline.testing.cluster down --dir $(CLUSTER_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

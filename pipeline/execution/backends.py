@@ -13,13 +13,24 @@ lists the valid ones.
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import BackendConfig
 from pipeline.config.model import suggest
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RunIncompleteError
+from pipeline.plan import Plan
+from pipeline.stages.base import Partition
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+TASK_RETRIES = 1  # distributed re-runs a task that raised (not item errors: those are records)
+CONNECT_TIMEOUT = "10s"
+WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may start empty)
 
 
 def default_workers() -> int:
@@ -31,6 +42,7 @@ class Backend:
     """Base: sizes the pool and defines how many partitions may be in flight."""
 
     name: ClassVar[str]
+    dashboard_link: str | None = None  # a page showing the run live, where there is one
 
     def __init__(self, config: BackendConfig):
         self.config = config
@@ -53,6 +65,13 @@ class Backend:
 
     def executor(self) -> Executor:
         raise NotImplementedError
+
+    def prepare(self, plan: Plan) -> None:
+        """Called inside `with backend`, before any task: check the workers can run `plan`."""
+
+    def task_options(self, partition: Partition) -> dict[str, Any]:
+        """Extra keyword arguments for `executor.submit` (e.g. a task key)."""
+        return {}
 
 
 class SyncBackend(Backend):
@@ -92,34 +111,78 @@ class ProcessesBackend(Backend):
 
 
 class DistributedBackend(Backend):
+    """A dask.distributed cluster: the scheduler at `address`, or a LocalCluster.
+
+    The address comes from `--scheduler`, else `backend.address` in the YAML, else
+    `DASK_SCHEDULER_ADDRESS`. Before any task runs, every worker gets this client's
+    code and is checked (`prepare_workers`). Tasks have named keys (`partition-N-RUN`)
+    and `retries=TASK_RETRIES` for transient errors; a partition whose worker dies
+    is recomputed elsewhere, up to `distributed.scheduler.allowed-failures` times.
+    The plan (about 2 KB pickled) travels in every task instead of being scattered
+    once: a task then depends on nothing that a dead worker could take with it.
+    """
+
     name = "distributed"
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
-        self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        self.client = None
+        self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        self.client: Client | None = None
+        self.threads = self.workers * (config.threads_per_worker or 1)
+        self._run = secrets.token_hex(4)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight or 2 * self.threads
 
     def describe(self) -> str:
+        if self.address and self.client is None:  # its size is known once connected
+            return f"distributed on {self.address}"
         where = self.address or "a LocalCluster"
-        return f"distributed on {where} ({self.workers} workers)"
+        return f"distributed on {where} ({self.workers} workers, {self.threads} threads)"
 
     def executor(self) -> Executor:
+        self.client = self._connect()
+        threads = self.client.nthreads()
+        self.workers, self.threads = len(threads), sum(threads.values())
+        if "dashboard" in self.client.scheduler_info()["services"]:  # served if bokeh is there
+            self.dashboard_link = self.client.dashboard_link
+            print(f"dask dashboard: {self.dashboard_link}", file=sys.stderr, flush=True)
+        return self.client.get_executor(pure=False, retries=TASK_RETRIES)
+
+    def _connect(self) -> Client:
+        """A client of the scheduler at `address`, or of a new LocalCluster; closed on exit."""
         from distributed import Client, LocalCluster
 
-        if self.address:
-            self.client = self._stack.enter_context(Client(self.address))
-            self.workers = max(1, len(self.client.scheduler_info()["workers"]))
-        else:
+        if not self.address:
             cluster = self._stack.enter_context(
                 LocalCluster(
                     n_workers=self.workers,
                     threads_per_worker=self.config.threads_per_worker or 1,
                     processes=True,
-                    dashboard_address=":0",
+                    dashboard_address="127.0.0.1:0",
+                    host="127.0.0.1",
                 )
             )
-            self.client = self._stack.enter_context(Client(cluster))
-        return self.client.get_executor(pure=False)
+            return self._stack.enter_context(Client(cluster))
+        try:
+            client = self._stack.enter_context(Client(self.address, timeout=CONNECT_TIMEOUT))
+            client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except (OSError, TimeoutError) as exc:
+            raise RunIncompleteError(
+                f"no usable dask cluster at {self.address}: {exc} "
+                f"(is `dask scheduler` running, with at least one `dask worker`?)"
+            ) from None
+        return client
+
+    def prepare(self, plan: Plan) -> None:
+        from pipeline.execution.code_shipping import prepare_workers
+
+        assert self.client is not None, "prepare runs inside `with backend`"
+        prepare_workers(self.client, plan.job.run_dir)
+
+    def task_options(self, partition: Partition) -> dict[str, Any]:
+        return {"key": f"partition-{partition.index:06d}-{self._run}"}
 
 
 BACKENDS: dict[str, type[Backend]] = {

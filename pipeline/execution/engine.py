@@ -41,19 +41,22 @@ def execute(
     """Run `parts` on `backend`, calling `on_records` as each partition finishes, then
     `after(executor)` while the backend is still up (batch-level reductions)."""
     with backend as executor:
+        backend.prepare(plan)
         in_flight: dict[Future[list[Record]], Partition] = {}
         for partition in parts:
             if len(in_flight) >= backend.max_in_flight:
                 _collect(in_flight, on_records)
-            in_flight[_submit(executor, plan, partition)] = partition
+            in_flight[_submit(executor, backend, plan, partition)] = partition
         while in_flight:
             _collect(in_flight, on_records)
         if after is not None:
             after(executor)
 
 
-def _submit(executor: Executor, plan: Plan, partition: Partition) -> Future[list[Record]]:
-    return executor.submit(run_partition, plan, partition)
+def _submit(
+    executor: Executor, backend: Backend, plan: Plan, partition: Partition
+) -> Future[list[Record]]:
+    return executor.submit(run_partition, plan, partition, **backend.task_options(partition))
 
 
 def _collect(in_flight: dict[Future[list[Record]], Partition], on_records: OnRecords) -> None:
