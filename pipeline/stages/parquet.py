@@ -7,10 +7,8 @@ whatever the source columns are; `include_bytes` adds the encoded image.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline.stages.base import Item
@@ -19,23 +17,31 @@ from pipeline.stages.registry import register
 from pipeline.stages.shards import ShardedSink, ShardOptions
 from pipeline.stages.write_images import EncodeOptions, encode, require_image
 
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("index", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("fields", pa.string()),
-        ("metadata", pa.string()),
-        ("image", pa.binary()),
-    ]
-)
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class ParquetOptions(ShardOptions, EncodeOptions):
     include_bytes: bool = Field(False, description="Store the encoded image in column `image`")
     compression: str = Field("zstd", description="Parquet compression codec")
+
+
+def schema() -> pa.Schema:
+    """The columns of every shard: the same whatever the source's fields are."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("index", pa.int64()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("fields", pa.string()),
+            ("metadata", pa.string()),
+            ("image", pa.binary()),
+        ]
+    )
 
 
 @register("parquet")
@@ -64,5 +70,8 @@ class Parquet(ShardedSink):
         }
 
     def write_shard(self, target: AtomicFile, rows: list[dict[str, Any]]) -> None:
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        import pyarrow as pa
+        import pyarrow.parquet as pq  # imported by the jobs that write parquet only
+
+        table = pa.Table.from_pylist(rows, schema=schema())
         pq.write_table(table, target.file, compression=self.options.compression)  # type: ignore[attr-defined]

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import fsspec
-import pyarrow.parquet as pq
 from pydantic import Field, PositiveInt, field_validator
 
 from pipeline.config.model import Options
@@ -108,6 +107,8 @@ def _jsonl_rows(handle: io.TextIOBase, path: str) -> Iterator[Row]:
 
 
 def _parquet_rows(handle: Any, batch_rows: int) -> Iterator[Row]:
+    import pyarrow.parquet as pq  # only parquet lists pay for importing pyarrow
+
     number = 0
     for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
