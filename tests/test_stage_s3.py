@@ -5,22 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipeline.stages.base import JobContext
 from pipeline.stages.files import Files, FilesOptions
 from tests.stage_jobs import records, run_job
 
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 and the environment that points boto at it."""
+    # imported here, not at collection: pytest's own memory shows in subprocesses' peak RSS
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -42,6 +40,9 @@ def s3(tmp_path_factory):
 
 
 def test_list_from_s3_and_every_sink_to_s3(s3, tmp_path, image_server):
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
     lines = ["url,label"] + [f"{image_server.url(f'/img/{n}.jpg')},label-{n}" for n in range(5)]
     s3.pipe("pipeline-test/lists/urls.csv", ("\n".join(lines) + "\n").encode())
     report = run_job(

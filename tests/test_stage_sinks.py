@@ -9,9 +9,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import ConfigError
@@ -49,6 +47,10 @@ def run_sinks(tmp_path, photos, out: str, backend: str = "sync") -> dict:
 
 
 def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
+    # imported here, not at collection: pytest's own memory shows in subprocesses' peak RSS
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
     out = tmp_path / "sinks"
     report = run_sinks(tmp_path, photos, str(out))
     assert report["counts"]["ok"] == 7
@@ -89,6 +91,8 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
 
 
 def test_sinks_write_to_memory_filesystem(tmp_path, photos):
+    import pyarrow.parquet as pq
+
     fs = fsspec.filesystem("memory")
     report = run_sinks(tmp_path, photos, "memory://sinks-test")
     assert report["counts"]["ok"] == 7

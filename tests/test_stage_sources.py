@@ -9,8 +9,6 @@ from itertools import islice
 from pathlib import Path
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError
@@ -41,6 +39,10 @@ def test_txt_skips_comments_and_blanks_and_resolves_relative_paths(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "parquet", "csv.gz", "jsonl.bz2"])
 def test_tabular_formats_carry_extra_columns_into_fields(tmp_path, suffix):
+    # imported here, not at collection: pytest's own memory shows in subprocesses' peak RSS
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = tmp_path / f"list.{suffix}"
     if suffix.startswith("parquet"):
         pq.write_table(pa.Table.from_pylist(ROWS), path)
