@@ -20,7 +20,7 @@ CLUSTER_PORT    ?= 8786
 RUN_FLAGS := $(if $(BACKEND),--backend $(BACKEND)) $(if $(WORKERS),--workers $(WORKERS)) \
              $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
 
-.PHONY: setup run test lint format clean cluster cluster-down
+.PHONY: setup run test lint format clean cluster cluster-down bench bench-scale
 
 setup: $(STAMP)
 
@@ -45,12 +45,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests configs
-	$(BIN)/ruff format --check pipeline tests configs
+	$(BIN)/ruff check pipeline tests configs bench
+	$(BIN)/ruff format --check pipeline tests configs bench
 
 format: $(STAMP)
-	$(BIN)/ruff format pipeline tests configs
-	$(BIN)/ruff check --fix pipeline tests configs
+	$(BIN)/ruff format pipeline tests configs bench
+	$(BIN)/ruff check --fix pipeline tests configs bench
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+# The side-by-side benchmark (a script, not a test): COUNT images, table + bench/results/.
+COUNT ?= 2000
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --count $(COUNT) $(BENCH_ARGS)
+
+# Long inputs: 100,000 items vs 2,000 (rate, client RSS) and a 1,000,000-line list's start-up.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale --count $(COUNT) $(BENCH_ARGS)

@@ -1,0 +1,185 @@
+"""One measurement, run in a fresh process: `python -m bench.measure SPEC_JSON`.
+
+A fresh process per measurement keeps caches, pools and memory from one run
+out of the next. It prints one JSON line: wall seconds, images done, CPU
+seconds of this process and its children, the client's peak RSS and the peak
+RSS of its whole process tree (sampled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import references
+
+SAMPLE_SECONDS = 0.25
+
+
+class TreeMemory:
+    """Samples the RSS of this process plus all its descendants; keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(SAMPLE_SECONDS):
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # it may have just exited
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU of this process and its live descendants, so far."""
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its finished children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: unlike ru_maxrss, not inherited via exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `work` and add wall time, CPU time and memory to what it returns."""
+    cpu_before = cpu_seconds()
+    with TreeMemory() as memory:
+        started = time.perf_counter()
+        result = work()
+        wall = time.perf_counter() - started
+    return {
+        **result,
+        "wall": wall,
+        "cpu": cpu_seconds() - cpu_before,
+        "client_rss": peak_rss(),
+        "tree_rss": memory.peak,
+    }
+
+
+def read_lines(path: str) -> list[str]:
+    return Path(path).read_text().split()
+
+
+class FirstRecords(Exception):
+    """Stops a run as soon as its first records are in (the start-up measurement)."""
+
+
+def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """The standard thumbnail job on `spec['backend']`, with `spec['set']` overrides."""
+    from pipeline.execution.runner import RunRequest, run
+
+    config = scratch / "job.yaml"
+    config.write_text(
+        "name: bench\n"
+        f"backend: {{kind: {spec['backend']}}}\n"
+        f"partition_size: {spec.get('partition_size', 16)}\n"
+        f"output: {scratch / 'out'}\n"
+        "stages:\n"
+        f"  urls: {{kind: url_list, path: {spec['urls']}}}\n"
+        "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1]}\n"
+        "  decode: {kind: decode, input: download}\n"
+        "  thumb: {kind: thumbnail, input: decode, size: [256, 256]}\n"
+        "  write: {kind: write_images, input: thumb, path: images, format: jpeg, quality: 85}\n"
+    )
+    progress: list[tuple[float, int, float]] = []
+
+    def on_progress(stats: Any) -> None:
+        progress.append((time.perf_counter(), sum(stats.statuses.values()), tree_cpu_seconds()))
+        if spec.get("stop_after_first"):
+            raise FirstRecords
+
+    started = time.perf_counter()
+    try:
+        report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
+    except FirstRecords:
+        return {"images": progress[0][1], "first_record": progress[0][0] - started}
+    return {
+        "images": report["counts"]["ok"],
+        "failed": report["counts"]["failed"],
+        "failures": report["failures_by_reason"],
+        "stage_seconds": report["stage_seconds"],
+        "first_record": progress[0][0] - started if progress else None,
+        **_steady(progress),
+    }
+
+
+def _steady(progress: list[tuple[float, int, float]]) -> dict[str, float]:
+    """Images/s and CPU-s/image between the first and the last partition (startup excluded)."""
+    if len(progress) < 3:
+        return {}
+    (first_time, first_count, first_cpu), (last_time, last_count, last_cpu) = (
+        progress[0],
+        progress[-1],
+    )
+    images = max(last_count - first_count, 1)
+    return {
+        "steady_rate": images / max(last_time - first_time, 1e-9),
+        "steady_cpu_per_image": (last_cpu - first_cpu) / images,
+    }
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    kind = spec["kind"]
+    with tempfile.TemporaryDirectory(dir=spec["scratch"]) as folder:
+        scratch = Path(folder)
+        if kind == "ceiling":
+            corpus = [Path(path).read_bytes() for path in read_lines(spec["files"])]
+            return timed(lambda: {"images": references.ceiling(corpus, spec["workers"])})
+        if kind == "tutorial":
+            urls = read_lines(spec["urls"])
+            return timed(
+                lambda: {"images": references.tutorial(urls, scratch / "out", spec["workers"])}
+            )
+        if kind == "download":
+            urls = read_lines(spec["urls"])
+            reuse = spec.get("reuse", True)
+            return timed(
+                lambda: {"images": len(urls), "bytes": references.download_only(urls, reuse)}
+            )
+        if kind == "pipeline":
+            return timed(lambda: pipeline_job(spec, scratch))
+    raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

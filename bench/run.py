@@ -1,0 +1,202 @@
+"""`make bench`: the pipeline against the CPU ceiling and the tutorial approach, side by side.
+
+    python -m bench.run [--count 2000] [--levers/--no-levers] [--only LABEL ...]
+
+Generates (once) a corpus of photo-like JPEGs, serves it from a loopback HTTP
+server with 0 ms and 50 ms of added latency, and runs every measurement in a
+fresh process, one after the other, so that all of them share this moment's
+machine. The server runs in this process: its CPU time during a measurement is
+reported separately (`srv ms/img`). Prints a table and writes
+`bench/results/latest.json` and `latest.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import report
+from bench.corpus import ensure_corpus
+from pipeline.execution.backends import default_workers
+from pipeline.testing.server import TestServer
+
+HERE = Path(__file__).resolve().parent
+LATENCIES = {"0ms": 0.0, "50ms": 0.05}
+BACKENDS = ("threads", "processes", "distributed")
+
+
+def measurements(levers: bool) -> list[dict[str, Any]]:
+    """What to measure, in order. The ceiling runs first and last to expose drift."""
+    specs: list[dict[str, Any]] = [
+        {"label": "ceiling (in memory, draft)", "kind": "ceiling"},
+        {"label": "server: download only", "kind": "download", "latency": "0ms"},
+        {"label": "tutorial (threads+processes)", "kind": "tutorial", "latency": "0ms"},
+    ]
+    for latency in LATENCIES:
+        for backend in BACKENDS:
+            specs.append(
+                {
+                    "label": f"pipeline {backend} {latency}",
+                    "kind": "pipeline",
+                    "backend": backend,
+                    "latency": latency,
+                }
+            )
+    if levers:
+        specs += lever_measurements()
+    specs.append({"label": "ceiling again (drift check)", "kind": "ceiling"})
+    return specs
+
+
+def lever_measurements() -> list[dict[str, Any]]:
+    """One change at a time against `pipeline processes 0ms` (or 50ms for concurrency)."""
+
+    def lever(label: str, latency: str, **extra: Any) -> dict[str, Any]:
+        spec = {"kind": "pipeline", "backend": "processes", "latency": latency, **extra}
+        return {"label": f"lever: {label}", **spec}
+
+    return [
+        {
+            "label": "lever: download only, no reuse",
+            **{"kind": "download", "latency": "0ms", "reuse": False},
+        },
+        {
+            **lever("distributed, worker profiler off", "0ms"),
+            "backend": "distributed",
+            "env": {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"},
+        },
+        lever("decode draft off", "0ms", set=["stages.decode.draft=false"]),
+        lever("4 workers on 2 cores", "0ms", set=["backend.workers=4"]),
+        lever("4 workers on 2 cores, 50ms", "50ms", set=["backend.workers=4"]),
+        {
+            **lever("distributed 2 threads/worker", "0ms", set=["backend.threads_per_worker=2"]),
+            "backend": "distributed",
+        },
+        {**lever("threads, 4 workers", "0ms", set=["backend.workers=4"]), "backend": "threads"},
+        lever("partition_size 2", "0ms", partition_size=2),
+        lever("partition_size 64", "0ms", partition_size=64),
+        lever("concurrency 1, 50ms", "50ms", set=["stages.download.concurrency=1"]),
+    ]
+
+
+def scratch_folder() -> Path:
+    """A fresh folder for this run's URL lists and outputs (runs may overlap)."""
+    root = HERE / "corpus" / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def serve(stack: ExitStack, files: list[Path], latency: float) -> TestServer:
+    server = stack.enter_context(TestServer(latency=latency))
+    for path in files:
+        server.add_bytes(f"/img/{path.name}", path.read_bytes())
+    return server
+
+
+def url_file(folder: Path, name: str, server: TestServer, files: list[Path]) -> Path:
+    path = folder / f"urls-{name}.txt"
+    path.write_text("".join(server.url(f"/img/{file.name}") + "\n" for file in files))
+    return path
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in a fresh process; add the server's CPU time meanwhile."""
+    me = psutil.Process()
+    before = sum(me.cpu_times()[:2])
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.measure", json.dumps(spec)],
+        env={**os.environ, **spec.get("env", {})},
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise SystemExit(f"{spec['label']} failed:\n{completed.stderr[-3000:]}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    server_cpu = sum(me.cpu_times()[:2]) - before if spec["kind"] != "ceiling" else 0.0
+    return {**spec, **result, "server_cpu": server_cpu}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=2000, help="images in the corpus")
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--only", nargs="*", help="run only labels containing these words")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+
+    workers = default_workers()
+    scratch = scratch_folder()
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    started = time.perf_counter()
+    files = ensure_corpus(HERE / "corpus", args.count, workers)
+    print(f"corpus: {len(files)} images ready in {time.perf_counter() - started:.1f}s", flush=True)
+    files_list = scratch / "files.txt"
+    files_list.write_text("".join(f"{path}\n" for path in files))
+
+    specs = measurements(args.levers)
+    if args.only:
+        specs = [s for s in specs if any(word in s["label"] for word in args.only)]
+    rows: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        urls = {
+            name: url_file(scratch, name, serve(stack, files, latency), files)
+            for name, latency in LATENCIES.items()
+        }
+        for spec in specs:
+            spec = {**spec, "workers": workers, "scratch": str(scratch), "files": str(files_list)}
+            if "latency" in spec:
+                spec["urls"] = str(urls[spec["latency"]])
+            row = run_one(spec)
+            rows.append(row)
+            print(f"  {row['label']:<36} {row['images'] / row['wall']:8.1f} img/s", flush=True)
+    return finish(args, rows, workers, time.perf_counter() - started)
+
+
+def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, wall: float) -> int:
+    ceilings = [r["images"] / r["wall"] for r in rows if r["kind"] == "ceiling"]
+    tutorials = [r["images"] / r["wall"] for r in rows if r["kind"] == "tutorial"]
+    ceiling = sum(ceilings) / len(ceilings) if ceilings else 1.0
+    ceiling_cpus = [r["cpu"] / r["images"] for r in rows if r["kind"] == "ceiling"]
+    ceiling_cpu = sum(ceiling_cpus) / len(ceiling_cpus) if ceiling_cpus else 1.0
+    tutorial = tutorials[0] if tutorials else None
+    report.derive(rows, ceiling, ceiling_cpu, tutorial)
+    text = report.table(rows)
+    print(text)
+    meta = {
+        "count": args.count,
+        "workers": workers,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        "ceiling_rate": ceiling,
+        "ceiling_cpu_per_image": ceiling_cpu,
+        "tutorial_rate": tutorial,
+        "bench_seconds": wall,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    report.write_json(args.results / "latest.json", meta, rows)
+    (args.results / "latest.md").write_text(text + "\n")
+    title = f"{args.count} images, {workers} cores, {meta['date']}: images/s (red: CPU ceiling)"
+    report.chart(args.results / "latest.png", title, rows, ceiling)
+    print(f"wrote {args.results}/latest.json, latest.md, latest.png ({wall:.0f}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

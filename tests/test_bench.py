@@ -1,0 +1,49 @@
+"""The benchmark's own parts: its corpus is deterministic and photo-like, and it runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from bench.corpus import corpus_image
+from bench.references import thumbnail_bytes
+from tests.conftest import REPO
+
+
+def test_corpus_images_are_deterministic_photo_sized_jpegs():
+    for index in range(4):
+        data = corpus_image(index)
+        assert corpus_image(index) == data
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG"
+        assert 640 <= max(image.size) <= 1600 and 480 <= min(image.size) <= 1200
+        # compresses like a photo at q85: roughly 100-250 KB per megapixel
+        assert 80_000 < len(data) / (image.width * image.height) * 1e6 < 300_000
+
+
+def test_ceiling_thumbnail_fits_the_box():
+    thumb = Image.open(io.BytesIO(thumbnail_bytes(corpus_image(0))))
+    assert max(thumb.size) == 256
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path):
+    words = ["ceiling (in", "tutorial", "threads 0ms"]
+    command = [sys.executable, "-m", "bench.run", "--count", "6", "--no-levers"]
+    command += ["--results", str(tmp_path), "--only", *words]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
+    assert [row["label"] for row in rows] == [
+        "ceiling (in memory, draft)",
+        "tutorial (threads+processes)",
+        "pipeline threads 0ms",
+    ]
+    assert all(row["images"] == 6 and row["rate"] > 0 for row in rows)
+    assert Image.open(tmp_path / "latest.png").size[0] > 0
+    assert "| pipeline threads 0ms" in result.stdout

@@ -1,0 +1,40 @@
+"""Thumbnails from a reduced-scale JPEG decode look like full-resolution ones."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.plan import build_plan
+from pipeline.stages.base import Item
+from pipeline.testing.images import jpeg_bytes, photo
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(error, 1e-12)))
+
+
+def test_draft_decode_to_the_box_keeps_thumbnail_quality(write_config, tmp_path):
+    (tmp_path / "urls.txt").write_text("x.jpg\n")
+    config = write_config(f"""
+        name: t
+        output: {tmp_path / "out"}
+        stages:
+          urls: {{kind: url_list, path: {tmp_path / "urls.txt"}}}
+          download: {{kind: download, input: urls, allow_schemes: [file]}}
+          decode: {{kind: decode, input: download}}
+          thumb: {{kind: thumbnail, input: decode, size: [256, 256]}}
+    """)
+    stages = build_plan(*load_config(config)).compile()
+    data = jpeg_bytes(photo(1600, 1200, seed=3))
+    decoded = stages["decode"].process(Item({}, data))
+    thumb = stages["thumb"].process(decoded).data
+
+    assert decoded.data.size == (400, 300)  # DCT-scaled by 1/4, still covers the box
+    reference = Image.open(io.BytesIO(data)).resize((256, 192), Image.LANCZOS)
+    assert thumb.size == (256, 192)
+    assert _psnr(thumb, reference) > 38
