@@ -32,9 +32,14 @@ def plan_partitions(plan: Plan) -> Iterator[Partition]:
 
 
 def execute(
-    plan: Plan, backend: Backend, parts: Iterable[Partition], on_records: OnRecords
+    plan: Plan,
+    backend: Backend,
+    parts: Iterable[Partition],
+    on_records: OnRecords,
+    after: Callable[[Executor], None] | None = None,
 ) -> None:
-    """Run `parts` on `backend`, calling `on_records` as each partition finishes."""
+    """Run `parts` on `backend`, calling `on_records` as each partition finishes, then
+    `after(executor)` while the backend is still up (batch-level reductions)."""
     with backend as executor:
         backend.prepare(plan)
         in_flight: dict[Future[list[Record]], Partition] = {}
@@ -44,6 +49,8 @@ def execute(
             in_flight[_submit(executor, backend, plan, partition)] = partition
         while in_flight:
             _collect(in_flight, on_records)
+        if after is not None:
+            after(executor)
 
 
 def _submit(

@@ -19,6 +19,7 @@ from pipeline.config import load_document, validate_job
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
 from pipeline.execution.backends import Backend, backend_class
 from pipeline.execution.engine import OnRecords, execute, plan_partitions
+from pipeline.execution.reduction import After, Reductions
 from pipeline.execution.worker import sinks_below
 from pipeline.logs import logger
 from pipeline.plan import Plan, build_plan, stage_problems
@@ -114,7 +115,7 @@ def _run_locked(
     context = _started(plan, backend, policy, stats)
     remove_stale_temp_files(sink_folders(plan))
     try:
-        _process(plan, backend, manifest, policy, context["run_id"], stats, on_progress)
+        reduced = _process(plan, backend, manifest, policy, context["run_id"], stats, on_progress)
     except PipelineError as error:
         _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
         raise
@@ -124,7 +125,8 @@ def _run_locked(
         raise error from exc
     config = plan.config
     code, tolerated = items_exit_code(stats.statuses, config.max_failed, config.max_failed_fraction)
-    return _finish(run_dir, stats.report(**context), code, failures_tolerated=tolerated)
+    extra = {"reductions": reduced} if reduced else {}
+    return _finish(run_dir, stats.report(**context), code, failures_tolerated=tolerated, **extra)
 
 
 def _started(plan: Plan, backend: Backend, policy: Policy, stats: RunStats) -> dict[str, Any]:
@@ -151,13 +153,17 @@ def _process(
     run_id: str,
     stats: RunStats,
     on_progress: Callable[[RunStats], None] | None,
-) -> None:
-    """Skip what is done, run the rest; record every item, commit finished partitions."""
+) -> dict[str, Any]:
+    """Skip what is done, run the rest; record every item, commit finished partitions.
+    Returns the results of the plan's reducing stages (see `execution.reduction`)."""
+    reductions = Reductions(plan)
+    reductions.first_pass(backend)  # only when a reducer acts before outputs are written
     with ResultsWriter(plan.config.output) as results:
 
         def add(records: list[Record]) -> None:
             results.write(records)
             stats.add(records)
+            reductions.add(records)
             if on_progress:
                 on_progress(stats)
 
@@ -174,16 +180,25 @@ def _process(
             add(records)
             incremental.commit(records, run_id)
 
-        _execute_pending(plan, backend, incremental.pending(plan_partitions(plan)), on_records)
+        pending = incremental.pending(plan_partitions(plan))
+        _execute_pending(plan, backend, pending, on_records, reductions.run)
+    return reductions.results
 
 
 def _execute_pending(
-    plan: Plan, backend: Backend, pending: Iterator[Partition], on_records: OnRecords
+    plan: Plan,
+    backend: Backend,
+    pending: Iterator[Partition],
+    on_records: OnRecords,
+    after: After,
 ) -> None:
-    """Start the backend only if there is work: an unchanged batch never starts one."""
+    """Start the backend only if there is work: an unchanged batch never starts one
+    (reductions then run in this process)."""
     first = next(pending, None)
     if first is not None:
-        execute(plan, backend, chain([first], pending), on_records)
+        execute(plan, backend, chain([first], pending), on_records, after=after)
+    else:
+        after(None)
 
 
 def _finish(run_dir: Path, report: dict[str, Any], exit_code: int, **extra: Any) -> dict[str, Any]:

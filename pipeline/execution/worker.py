@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.plan import Plan
 from pipeline.stages.base import Item, Partition, Record, Step
+from pipeline.stages.reducing import is_output
 
 _compiled: dict[str, CompiledPlan] = {}
 _compile_lock = threading.Lock()
@@ -45,10 +46,10 @@ def compiled(plan: Plan) -> CompiledPlan:
 
 
 def sinks_below(plan: Plan) -> dict[str, frozenset[str]]:
-    """For every stage, the sinks its output reaches (a sink reaches itself)."""
+    """For every stage, the sinks (and reducers) its output reaches (one reaches itself)."""
     below: dict[str, frozenset[str]] = {}
     for node in reversed(plan.nodes):
-        own = {node.name} if node.role == "sink" else set()
+        own = {node.name} if is_output(node) else set()
         below[node.name] = frozenset(own.union(*(below[c] for c in plan.consumers(node.name))))
     return below
 

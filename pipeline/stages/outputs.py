@@ -1,15 +1,27 @@
-"""Helpers shared by sinks: safe output names and atomic writes."""
+"""Helpers shared by sinks: safe output names, output locations and atomic writes.
+
+Outputs may go to any fsspec URL (`memory://`, `s3://bucket/prefix`, ...) or a local
+path. Locally a file is written to a temp file in the same folder, fsynced and
+renamed over its name; on object stores one PUT of the finished bytes is atomic
+(readers see the whole object or none), so a temp file is spooled and put once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from pathlib import PurePosixPath
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.stages.base import Record
@@ -21,6 +33,18 @@ TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_STEM = 40
+SPOOL_BYTES = 64 * 1024 * 1024
+# Record keys that describe the run rather than the item: left out of output metadata.
+_RUN_KEYS = (
+    "status",
+    "stage",
+    "reason",
+    "message",
+    "outputs",
+    "sink_outputs",
+    "timings",
+    "attempts",
+)
 
 
 def safe_stem(url: str) -> str:
@@ -38,25 +62,110 @@ def output_name(record: Record, extension: str, suffix: str = "") -> str:
     return "-".join(parts) + "." + extension
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+def metadata(record: Record) -> dict[str, Any]:
+    """What a sink stores beside an item: the record without its run bookkeeping."""
+    return {key: value for key, value in record.items() if key not in _RUN_KEYS}
+
+
+def metadata_json(record: Record) -> bytes:
+    return json.dumps(metadata(record), sort_keys=True, default=str).encode()
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a path or URL; ValueError naming a missing package."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:
+        raise ValueError(f"cannot open {path}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cannot open {path}: {exc} (is the URL scheme right?)") from None
+
+
+def checked_location(path: str) -> str:
+    """A pydantic validator for sink paths: the URL's filesystem must be available."""
+    filesystem(path)
+    return path
+
+
+def output_folder(run_dir: str, path: str) -> str:
+    """A sink's folder: a URL as given, a relative path inside the run directory."""
+    if "://" in path or os.path.isabs(path):
+        return path.rstrip("/")
+    return os.path.join(run_dir, path)
+
+
+def join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if "://" in folder else os.path.join(folder, name)
+
+
+def ensure_parent(path: str) -> None:
+    """Create a local file's folder; object stores need none (a key may contain slashes)."""
+    fs, local = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+
+
+class AtomicFile:
+    """A file that appears at `path` whole on `commit()`, or never (`abort()`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fs, self._target = fsspec.core.url_to_fs(path)
+        self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:
+            fd, self._tmp = tempfile.mkstemp(
+                dir=os.path.dirname(self._target) or ".", prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX
+            )
+            self.file: IO[bytes] = os.fdopen(fd, "wb")
+        else:
+            self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by commit or abort)
+
+    def commit(self) -> None:
+        try:
+            if self._local:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.replace(self._tmp, self._target)
+            else:
+                self.file.seek(0)
+                with self.fs.open(self._target, "wb") as remote:
+                    shutil.copyfileobj(self.file, remote)
+                self.file.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.file.close()
+        if self._local:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` so that `path` (local or fsspec URL) is either complete or absent."""
+    target = AtomicFile(path)
+    try:
+        target.file.write(data)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        target.abort()
         raise
+    target.commit()
+
+
+def write_output(path: str, data: bytes) -> None:
+    """`atomic_write` into a created folder, with errors mapped by `output_error`."""
+    try:
+        ensure_parent(path)
+        atomic_write(path, data)
+    except OSError as exc:
+        raise output_error(exc, path) from None
 
 
 def output_error(exc: OSError, path: str) -> Exception:
     """The error to raise for a failed write: fatal for the run, or for this item only."""
     message = f"cannot write {path}: {exc.strerror or exc}"
-    if exc.errno in FATAL_ERRNOS:
+    if exc.errno in FATAL_ERRNOS or isinstance(exc, PermissionError):
         return RunIncompleteError(message)
     return ItemError("write_error", message)

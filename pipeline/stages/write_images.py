@@ -1,33 +1,50 @@
-"""`write_images`: encode each image and write it atomically under a folder."""
+"""`write_images`: encode each image and write it atomically to a local folder or fsspec URL.
+
+With `sidecar: true` a `<name>.json` beside each image holds the item's metadata:
+its key, URL, source fields (e.g. id, caption) and what stages added (size, stats, hash).
+"""
 
 from __future__ import annotations
 
 import io
-import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from pipeline.config.model import Options
-from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Sink, Stage
-from pipeline.stages.outputs import atomic_write, output_error, output_name
+from pipeline.stages.imaging import image_of
+from pipeline.stages.outputs import (
+    checked_location,
+    join,
+    metadata_json,
+    output_folder,
+    output_name,
+    write_output,
+)
 from pipeline.stages.registry import register
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 HAS_ALPHA = {"png", "webp"}
+ImageFormat = Literal["jpeg", "png", "webp"]
 
 
-class WriteImagesOptions(Options):
-    path: str = Field(
-        description="Folder to write into; relative paths are inside the run directory"
-    )
-    format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="Output format")
+class EncodeOptions(Options):
+    """How a sink encodes images: shared by every sink that stores encoded pictures."""
+
+    format: ImageFormat = Field("jpeg", description="Output format")
     quality: int = Field(85, ge=1, le=100, description="JPEG/WebP quality")
     background: tuple[int, int, int] = Field(
         (255, 255, 255), description="RGB colour that transparent pixels are flattened onto"
     )
+
+
+class WriteImagesOptions(EncodeOptions):
+    path: Annotated[str, AfterValidator(checked_location)] = Field(
+        description="Folder or fsspec URL to write into; relative paths are inside the run dir"
+    )
+    sidecar: bool = Field(False, description="Also write <name>.json with the item's metadata")
 
 
 def flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -39,7 +56,7 @@ def flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def encode(image: Image.Image, options: WriteImagesOptions) -> bytes:
+def encode(image: Image.Image, options: EncodeOptions) -> bytes:
     """Re-encode the pixels (never the input bytes) in the configured format."""
     if options.format not in HAS_ALPHA:
         image = flatten(image, options.background)
@@ -51,12 +68,17 @@ def encode(image: Image.Image, options: WriteImagesOptions) -> bytes:
     return buffer.getvalue()
 
 
+def require_image(item: Item, stage: str) -> Image.Image:
+    """The image a sink encodes; anything else fails the item as a write error."""
+    return image_of(item, stage, reason="write_error")
+
+
 @register("write_images")
 class WriteImages(Sink):
     """Write each image to `<path>/<stem>-<key>.<ext>`."""
 
     Options = WriteImagesOptions
-    description = "Encode (JPEG/PNG/WebP) and write files atomically"
+    description = "Encode (JPEG/PNG/WebP) and write files atomically, local or fsspec"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,17 +89,12 @@ class WriteImages(Sink):
 
     def process(self, item: Item) -> Item:
         options: WriteImagesOptions = self.options  # type: ignore[assignment]
-        if not isinstance(item.data, Image.Image):
-            raise ItemError("write_error", f"{self.name} needs an image input")
+        image = require_image(item, self.name)
         suffix = item.meta.get("from", "") if self._suffix_inputs else ""
         name = output_name(item.record, EXTENSIONS[options.format], suffix)
-        folder = os.path.join(self.job.run_dir, options.path)
-        path = os.path.join(folder, name)
-        data = encode(item.data, options)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            atomic_write(path, data)
-        except OSError as exc:
-            raise output_error(exc, path) from None
+        path = join(output_folder(self.job.run_dir, options.path), name)
+        write_output(path, encode(image, options))
+        if options.sidecar:
+            write_output(path.rsplit(".", 1)[0] + ".json", metadata_json(item.record))
         self.add_output(item, path)
         return item

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from pipeline.plan import Plan
+from pipeline.stages.reducing import is_output
 
 
 def digest(value: Any) -> str:
@@ -23,7 +24,7 @@ def digest(value: Any) -> str:
 
 
 def sink_fingerprints(plan: Plan) -> dict[str, str]:
-    """The lineage fingerprint of every sink of `plan`."""
+    """The lineage fingerprint of every sink (and reducer) of `plan`."""
     stages = plan.compile()
     lineage: dict[str, str] = {}
     for node in plan.nodes:  # topological order: inputs first
@@ -32,4 +33,4 @@ def sink_fingerprints(plan: Plan) -> dict[str, str]:
             continue
         inputs = [[name, lineage[name]] for name in node.inputs]
         lineage[node.name] = digest([node.kind, stages[node.name].fingerprint_data(), inputs])
-    return {node.name: lineage[node.name] for node in plan.nodes if node.role == "sink"}
+    return {node.name: lineage[node.name] for node in plan.nodes if is_output(node)}

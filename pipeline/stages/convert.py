@@ -1,0 +1,36 @@
+"""`convert`: change the colour mode; alpha is flattened onto `background` when dropped."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from PIL import Image
+from pydantic import Field
+
+from pipeline.config.model import Options
+from pipeline.stages.imaging import ImageStep
+from pipeline.stages.registry import register
+from pipeline.stages.write_images import flatten
+
+
+class ConvertOptions(Options):
+    mode: Literal["RGB", "L", "RGBA"] = Field(description="Target Pillow mode")
+    background: tuple[int, int, int] = Field(
+        (255, 255, 255), description="Colour that transparent pixels are flattened onto"
+    )
+
+
+@register("convert")
+class Convert(ImageStep):
+    """Convert to RGB, L (grey) or RGBA."""
+
+    Options = ConvertOptions
+    description = "Convert to RGB, L or RGBA, flattening alpha on a background"
+
+    def transform(self, image: Image.Image) -> Image.Image:
+        options: ConvertOptions = self.options  # type: ignore[assignment]
+        if image.mode == options.mode:
+            return image
+        if options.mode != "RGBA":
+            image = flatten(image, options.background)
+        return image.convert(options.mode)

@@ -1,0 +1,138 @@
+"""`http_json`: list image links from a JSON API (an image gallery, a search endpoint).
+
+GET `url` with `headers` and `params`; secrets come from the environment through
+the config's `${VAR}` interpolation (`Authorization: "Client-ID ${IMGUR_CLIENT_ID}"`).
+`items` is a dotted path to the list of elements (`data`, `data.*.images`: `*` walks
+every element of a list), `link` the path of the URL inside each element, `where`
+keeps elements whose field has one of the listed values, and `fields` carries
+element values (id, title) into the record. Pagination: `{page}` in the URL or a
+`page_param`, from `start_page`, for at most `pages` pages, stopping at the first
+page with no elements. A failed request stops the run: without the list there is
+nothing to do. Messages never show headers or query strings (they hold secrets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from pipeline.config.model import Options
+from pipeline.errors import RunIncompleteError
+from pipeline.stages.base import Source, SourceItem
+from pipeline.stages.registry import register
+
+
+class HttpJsonOptions(Options):
+    url: str = Field(description="Endpoint; may contain {page}")
+    headers: dict[str, str] = Field(default_factory=dict, description="Request headers")
+    params: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Query parameters"
+    )
+    items: str = Field("data", description="Dotted path to the list of elements ('*' = each)")
+    link: str = Field("link", description="Dotted path of the image URL inside an element")
+    where: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Keep elements whose field is one of the values"
+    )
+    fields: list[str] = Field(default_factory=list, description="Element keys to carry along")
+    pages: PositiveInt = Field(1, description="Pages to fetch at most")
+    start_page: NonNegativeInt = Field(0, description="First page number")
+    page_param: str | None = Field(None, description="Query parameter carrying the page number")
+    timeout: PositiveFloat = Field(30.0, description="Seconds per request")
+    retries: NonNegativeInt = Field(3, description="Retries on connection errors, 429 and 5xx")
+
+
+def walk(value: Any, path: list[str]) -> Iterator[Any]:
+    """Every value at `path` in a JSON document; `*` branches over a list's elements."""
+    if not path:
+        yield value
+        return
+    head, rest = path[0], path[1:]
+    if head == "*" and isinstance(value, list):
+        for element in value:
+            yield from walk(element, rest)
+    elif isinstance(value, dict) and head in value:
+        yield from walk(value[head], rest)
+    elif isinstance(value, list) and head.isdigit() and int(head) < len(value):
+        yield from walk(value[int(head)], rest)
+
+
+def at(value: Any, path: str) -> Any:
+    """The first value at a dotted path, or None."""
+    return next(walk(value, path.split(".")), None)
+
+
+def elements(document: Any, path: str) -> list[Any]:
+    """The elements at `path`: lists found there are flattened into one list."""
+    found: list[Any] = []
+    for value in walk(document, path.split(".") if path else []):
+        found.extend(value if isinstance(value, list) else [value])
+    return found
+
+
+def _where(url: str) -> str:
+    """The URL without its query string: safe to print."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+@register("http_json")
+class HttpJson(Source):
+    """Image links from a paginated JSON API."""
+
+    Options = HttpJsonOptions
+    description = "Image links from a JSON API (headers, params, filters, pages)"
+
+    def iter_items(self) -> Iterator[SourceItem]:
+        options: HttpJsonOptions = self.options  # type: ignore[assignment]
+        index = 0
+        for page in range(options.start_page, options.start_page + options.pages):
+            found = elements(self.fetch(page), options.items)
+            if not found:
+                return
+            for element in found:
+                link = at(element, options.link) if isinstance(element, dict) else None
+                if isinstance(link, str) and self.wanted(element):
+                    index += 1
+                    yield SourceItem(index, link, {f: at(element, f) for f in options.fields})
+
+    def wanted(self, element: dict[str, Any]) -> bool:
+        where = self.options.where  # type: ignore[attr-defined]
+        return all(at(element, field) in values for field, values in where.items())
+
+    def fetch(self, page: int) -> Any:
+        options: HttpJsonOptions = self.options  # type: ignore[assignment]
+        url = options.url.replace("{page}", str(page))
+        params = dict(options.params)
+        if options.page_param:
+            params[options.page_param] = page
+        retry = urllib3.Retry(
+            total=options.retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)
+        )
+        try:
+            response = urllib3.request(
+                "GET",
+                url,
+                fields={k: str(v) for k, v in params.items()},
+                headers=options.headers,
+                timeout=options.timeout,
+                retries=retry,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__  # no URL: it has secrets
+            raise RunIncompleteError(f"{self.name}: GET {_where(url)} failed: {reason}") from None
+        if response.status != 200:
+            raise RunIncompleteError(
+                f"{self.name}: GET {_where(url)} answered HTTP {response.status}: "
+                f"{response.data[:200].decode('utf-8', 'replace')}"
+            )
+        try:
+            return json.loads(response.data)
+        except ValueError as exc:
+            raise RunIncompleteError(
+                f"{self.name}: {_where(url)} did not answer JSON: {exc}"
+            ) from None

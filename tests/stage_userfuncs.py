@@ -1,0 +1,24 @@
+"""User functions for the `python` stage tests, importable as `tests.stage_userfuncs:NAME`."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+
+
+def invert(image: Image.Image) -> Image.Image:
+    return ImageOps.invert(image.convert("RGB"))
+
+
+def aspect(record: dict, image: Image.Image, digits: int = 2) -> dict:
+    return {"aspect": round(image.width / image.height, digits)}
+
+
+def not_an_image(image: Image.Image) -> str:
+    return "oops"
+
+
+def explode(image: Image.Image) -> Image.Image:
+    raise RuntimeError("boom")
+
+
+unpicklable = lambda image: image  # noqa: E731 (the point: a lambda cannot be pickled)

@@ -1,0 +1,155 @@
+"""`http_json` and configs/imgur.yaml against a loopback server that answers like Imgur's API."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+from pipeline.errors import RunIncompleteError
+from pipeline.execution.runner import RunRequest, run
+from pipeline.stages.base import JobContext
+from pipeline.stages.http_json import HttpJson, HttpJsonOptions
+from pipeline.testing.images import jpeg_bytes, photo, png_bytes
+from pipeline.testing.server import TestServer, send_bytes
+from tests.conftest import REPO
+from tests.stage_jobs import records
+
+CLIENT_ID = "loopback-client-123"
+
+
+def post(server: TestServer, number: int, kind: str) -> dict:
+    """One gallery post as Imgur lists it: images have a type and a link; albums do not."""
+    if kind == "album":
+        return {
+            "id": f"al{number}",
+            "title": f"album {number}",
+            "is_album": True,
+            "link": server.url(f"/a/al{number}"),
+            "images_count": 3,
+        }
+    extension = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "video/mp4": "mp4"}[
+        kind
+    ]
+    return {
+        "id": f"im{number}",
+        "title": f"post {number}",
+        "is_album": False,
+        "type": kind,
+        "link": server.url(f"/i/im{number}.{extension}"),
+        "width": 640,
+        "height": 480,
+    }
+
+
+def gallery_handler(pages: list[list[dict]]):
+    def handle(request) -> None:
+        if request.headers.get("Authorization") != f"Client-ID {CLIENT_ID}":
+            body = {
+                "data": {"error": "Authentication required", "method": "GET"},
+                "success": False,
+                "status": 401,
+            }
+            send_bytes(request, json.dumps(body).encode(), "application/json", status=401)
+            return
+        page = int(urlsplit(request.path).path.rsplit("/", 1)[1].removesuffix(".json"))
+        data = pages[page] if page < len(pages) else []
+        body = {"data": data, "success": True, "status": 200}
+        send_bytes(request, json.dumps(body).encode(), "application/json")
+
+    return handle
+
+
+@pytest.fixture(scope="module")
+def imgur():
+    with TestServer() as server:
+        kinds = ["image/jpeg", "album", "image/png", "video/mp4", "image/gif", "image/jpeg"]
+        posts = [post(server, n, kind) for n, kind in enumerate(kinds)]
+        more = [post(server, 10, "image/png")]
+        for item in posts + more:
+            if item.get("type", "").startswith("image/"):
+                picture = photo(300 + 10 * len(item["id"]), 200, seed=len(server.routes))
+                if item["type"] == "image/jpeg":
+                    server.add_bytes(urlsplit(item["link"]).path, jpeg_bytes(picture))
+                else:
+                    fmt = "PNG" if item["type"] == "image/png" else "GIF"
+                    data = png_bytes(picture) if fmt == "PNG" else gif_bytes(picture)
+                    server.add_bytes(urlsplit(item["link"]).path, data, item["type"])
+        for page in range(3):
+            server.add(f"/3/gallery/hot/viral/{page}.json", gallery_handler([posts, more]))
+        yield server
+
+
+def gif_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("P").save(buffer, "GIF")
+    return buffer.getvalue()
+
+
+def test_imgur_config_reproduces_the_lesson_on_a_loopback_gallery(imgur, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGUR_CLIENT_ID", CLIENT_ID)
+    out = tmp_path / "imgur"
+    overrides = [
+        f"output={out}",
+        f"stages.gallery.url={imgur.url('/3/gallery/hot/viral/{page}.json')}",
+        "stages.gallery.pages=3",
+        "stages.download.allow_hosts=[127.0.0.1]",
+    ]
+    report = run(RunRequest(config=REPO / "configs/imgur.yaml", overrides=overrides))
+    assert report["counts"] == {"ok": 5, "failed": 0, "skipped": 0}
+    found = records(out)
+    assert [r["fields"]["id"] for r in found] == ["im0", "im2", "im4", "im5", "im10"]
+    assert imgur.hits["/3/gallery/hot/viral/2.json"] == 1  # the empty page ends the listing
+    for record in found:
+        (path,) = record["outputs"]
+        assert max(Image.open(path).size) == 128
+        assert json.loads(Path(path).with_suffix(".json").read_text())["fields"][
+            "title"
+        ].startswith("post")
+
+
+def test_wrong_client_id_stops_the_run_without_leaking_it(imgur):
+    options = HttpJsonOptions(
+        url=imgur.url("/3/gallery/hot/viral/0.json"),
+        headers={"Authorization": "Client-ID wrong-secret"},
+        params={"secret": "s3cr3t"},
+    )
+    with pytest.raises(RunIncompleteError, match=r"HTTP 401.*Authentication required") as caught:
+        list(HttpJson("gallery", options, JobContext("t", "/x")).iter_items())
+    assert "s3cr3t" not in str(caught.value) and "wrong-secret" not in str(caught.value)
+
+
+def test_params_paths_and_page_parameter(tmp_path):
+    def handle(request) -> None:
+        query = parse_qs(urlsplit(request.path).query)
+        page = int(query["p"][0])
+        albums = [
+            {"images": [{"src": f"http://h/{page}-{n}.jpg", "kind": query["kind"][0]}]}
+            for n in range(2)
+        ]
+        send_bytes(
+            request,
+            json.dumps({"result": {"albums": albums if page < 2 else []}}).encode(),
+            "application/json",
+        )
+
+    with TestServer() as server:
+        server.add("/search", handle)
+        options = HttpJsonOptions(
+            url=server.url("/search"),
+            params={"kind": "photo"},
+            items="result.albums.*.images",
+            link="src",
+            where={"kind": ["photo"]},
+            page_param="p",
+            pages=5,
+            fields=["kind"],
+        )
+        found = list(HttpJson("s", options, JobContext("t", "/x")).iter_items())
+    assert [item.url for item in found] == [f"http://h/{p}-{n}.jpg" for p in (0, 1) for n in (0, 1)]
+    assert [item.index for item in found] == [1, 2, 3, 4] and found[0].fields == {"kind": "photo"}
+    assert server.hits["/search"] == 3

@@ -1,0 +1,155 @@
+"""Sinks on real files read back with each format's own reader: webdataset, pyarrow, numpy;
+fsspec outputs on memory://; one job writing every sink on every backend (distributed too)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from tests.stage_jobs import decoded_files, records, run_job, write_photos
+
+SINKS = """
+files: {{kind: files, path: {images}}}
+get: {{kind: download, input: files, allow_schemes: [file]}}
+decode: {{kind: decode, input: get}}
+square: {{kind: resize, input: decode, size: [24, 16], mode: cover}}
+stats: {{kind: stats, input: square}}
+tar: {{kind: webdataset, input: stats, path: {out}/wds, shard_size: 3, quality: 90}}
+table: {{kind: parquet, input: stats, path: {out}/table, shard_size: 2, include_bytes: true,
+        format: png}}
+array: {{kind: arrays, input: square, path: {out}/arrays, shape: [16, 24, 3], shard_size: 8}}
+files_out: {{kind: write_images, input: square, path: {out}/images, format: webp, sidecar: true}}
+"""
+
+BACKENDS = ["sync", "threads", "processes", "distributed"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, 7)
+    return folder
+
+
+def run_sinks(tmp_path, photos, out: str, backend: str = "sync") -> dict:
+    """Run every sink into `out`, with a run directory of the backend's own."""
+    run_dir = tmp_path / ("run" if backend == "sync" else f"run-{backend}")
+    return run_job(
+        tmp_path, SINKS.format(images=photos, out=out), backend=backend, output=str(run_dir)
+    )
+
+
+def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
+    # imported here, not at collection: pytest's own memory shows in subprocesses' peak RSS
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    out = tmp_path / "sinks"
+    report = run_sinks(tmp_path, photos, str(out))
+    assert report["counts"]["ok"] == 7
+    by_key = {record["key"]: record for record in records(tmp_path / "run")}
+
+    shards = sorted(str(path) for path in (out / "wds").glob("*.tar"))
+    # partitions of 4 and 3 items, 3 samples a shard: [3, 1] + [3]
+    assert [Path(s).name for s in shards] == [
+        "shard-000000-0000.tar",
+        "shard-000000-0001.tar",
+        "shard-000001-0000.tar",
+    ]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert sorted(sample["__key__"] for sample in samples) == sorted(by_key)
+    for sample in samples:
+        assert sample["jpg"].size == (24, 16)
+        assert sample["json"]["stats"] == by_key[sample["__key__"]]["stats"]
+
+    table = pq.read_table(out / "table")
+    assert table.num_rows == 7 and len(list((out / "table").iterdir())) == 4
+    for row in table.to_pylist():
+        assert (
+            Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"]) == (24, 16)
+        )
+        assert json.loads(row["metadata"])["url"] == row["url"] == by_key[row["key"]]["url"]
+
+    arrays = sorted((out / "arrays").glob("*.npy"))
+    stacked = np.concatenate([np.load(path) for path in arrays])
+    keys = [
+        key for path in arrays for key in json.loads(path.with_suffix(".keys.json").read_text())
+    ]
+    assert stacked.shape == (7, 16, 24, 3) and stacked.dtype == np.uint8
+    assert sorted(keys) == sorted(by_key)
+    png = next(row["image"] for row in table.to_pylist() if row["key"] == keys[0])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), stacked[0])  # both lossless
+    assert len(list((out / "images").glob("*.webp"))) == 7
+    assert not list(out.rglob(".tmp-*")), "temp files left behind"
+
+
+def test_sinks_write_to_memory_filesystem(tmp_path, photos):
+    import pyarrow.parquet as pq
+
+    fs = fsspec.filesystem("memory")
+    report = run_sinks(tmp_path, photos, "memory://sinks-test")
+    assert report["counts"]["ok"] == 7
+    names = sorted(path.split("/")[2] for path in fs.find("/sinks-test"))
+    assert names.count("wds") == 3 and names.count("table") == 4 and names.count("images") == 14
+    with fs.open("/sinks-test/table/shard-000000-0000.parquet", "rb") as handle:
+        assert pq.read_table(handle).num_rows == 2
+    record = records(tmp_path / "run")[0]
+    webp = next(out for out in record["outputs"] if out.endswith(".webp"))
+    assert webp.startswith("memory://sinks-test/images/")
+    sidecar = json.loads(fs.cat(webp.removesuffix(".webp") + ".json"))
+    assert sidecar["key"] == record["key"] and sidecar["stats"] == record["stats"]
+    fs.rm("/sinks-test", recursive=True)
+
+
+def test_arrays_fail_items_of_the_wrong_shape_and_keep_the_rest(tmp_path, photos):
+    report = run_job(
+        tmp_path,
+        decoded_files(photos),
+        """
+        array: {kind: arrays, input: decode, path: arrays, shape: [72, 96, 3]}
+        """,
+    )
+    assert report["counts"]["ok"] == 7
+    report = run_job(
+        tmp_path,
+        decoded_files(photos),
+        """
+        array: {kind: arrays, input: decode, path: arrays, shape: [16, 16, 3]}
+        """,
+    )
+    assert report["failures_by_reason"] == {"transform_error": 7}
+
+
+@pytest.mark.slow
+def test_sinks_write_identical_bytes_on_every_backend(tmp_path, photos):
+    contents = {}
+    for backend in BACKENDS:
+        out = tmp_path / backend
+        assert run_sinks(tmp_path, photos, str(out), backend)["counts"]["ok"] == 7
+        contents[backend] = {
+            str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+        }
+    assert len(contents["sync"]) == 3 + 4 + 2 * 2 + 14  # tars, parquets, npy + keys, webp + json
+    for backend in BACKENDS:
+        assert sorted(contents[backend]) == sorted(contents["sync"]), backend
+        assert contents[backend] == contents["sync"], backend
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [("gs://bucket/out", "install gcsfs"), ("nosuch://x/out", "Protocol not known: nosuch")],
+)
+def test_a_sink_on_an_unavailable_filesystem_is_a_config_error(tmp_path, photos, path, problem):
+    with pytest.raises(ConfigError, match=f"stages.tar.path: .*{problem}"):
+        run_job(
+            tmp_path,
+            decoded_files(photos),
+            f"tar: {{kind: webdataset, input: decode, path: {path}}}",
+        )
