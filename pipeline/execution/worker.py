@@ -93,11 +93,6 @@ class _Router:
         for consumer in self.plan.consumers[name]:
             if not self.wants(consumer, item.record):
                 continue
-            written = len(item.record["outputs"])
             result = self.bound[consumer].run_one(item.derive(item.data, **{"from": name}))
-            if result is None:
-                continue
-            if consumer in self.plan.sinks_below[consumer]:  # a sink
-                outputs = item.record.setdefault("sink_outputs", {}).setdefault(consumer, [])
-                outputs.extend(item.record["outputs"][written:])
-            self.push(consumer, result)
+            if result is not None:
+                self.push(consumer, result)

@@ -204,4 +204,6 @@ class Sink(Step):
     role = "sink"
 
     def add_output(self, item: Item, path: str | Path) -> None:
+        """Record a written output, also under this sink's name (what the manifest keeps)."""
         item.record["outputs"].append(str(path))
+        item.record.setdefault("sink_outputs", {}).setdefault(self.name, []).append(str(path))

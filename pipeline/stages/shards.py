@@ -1,17 +1,19 @@
 """The base of sinks that pack many items into one file: shards written per partition.
 
 Each partition's task gets its own writer (`for_partition`): items are buffered and
-every `shard_size` of them become one file named `<prefix>-<partition>-<n>.<ext>`,
-written atomically; `finish` writes the rest. An item's record names its shard
-as soon as the item is buffered (the record goes back only after `finish`).
-Names and contents depend only on the partition, so every backend writes the
-same shards. If a shard cannot be written, its items are marked failed (a fatal
-error such as a full disk stops the run instead).
+every `shard_size` of them become one file named `<prefix>-<digest>.<ext>`, where the
+digest is a hash of the keys it holds, written atomically; `finish` writes the rest.
+Names and contents depend only on the items, so every backend writes the same
+shards, and an incremental re-run (whose pending items are packed into partitions
+numbered from 0 again) can never overwrite an earlier run's shard. Items' records
+name their shard once it is written; if it cannot be written, its items are marked
+failed (a fatal error such as a full disk stops the run instead).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field, PositiveInt
@@ -44,18 +46,15 @@ class ShardedSink(Sink):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.partition = -1
-        self.shards = 0
         self.pending: list[tuple[Item, Any]] = []
 
     def for_partition(self, partition: Partition) -> ShardedSink:
         writer = copy.copy(self)
-        writer.partition, writer.shards, writer.pending = partition.index, 0, []
+        writer.pending = []
         return writer
 
     def process(self, item: Item) -> Item:
         self.pending.append((item, self.row(item)))
-        self.add_output(item, self.shard_path())  # the shard it goes into, written by flush
         if len(self.pending) >= self.options.shard_size:  # type: ignore[attr-defined]
             self.flush()
         return item
@@ -64,28 +63,26 @@ class ShardedSink(Sink):
         if self.pending:
             self.flush()
 
-    def shard_path(self) -> str:
+    def shard_path(self, items: list[Item]) -> str:
+        """`<prefix>-<hash of the items' keys>.<ext>` in the sink's folder."""
         options: ShardOptions = self.options  # type: ignore[assignment]
-        name = f"{options.prefix}-{self.partition:06d}-{self.shards:04d}.{self.extension}"
+        keys = "\n".join(item.key for item in items).encode()
+        name = f"{options.prefix}-{hashlib.sha256(keys).hexdigest()[:16]}.{self.extension}"
         return join(output_folder(self.job.run_dir, options.path), name)
 
     def flush(self) -> None:
         """Write the pending items as one shard; on an item-level error, fail them all."""
-        path, pending = self.shard_path(), self.pending
-        self.pending, self.shards = [], self.shards + 1
+        pending, self.pending = self.pending, []
+        items = [item for item, _ in pending]
+        path = self.shard_path(items)
         try:
             self.write_atomically(path, [row for _, row in pending])
         except ItemError as error:
-            for item, _ in pending:
+            for item in items:
                 item.fail(self.name, error)
-                self.unrecord(item, path)
-
-    def unrecord(self, item: Item, path: str) -> None:
-        """Take back an output recorded for a shard that was not written."""
-        item.record["outputs"].remove(path)
-        written = item.record.get("sink_outputs", {}).get(self.name, [])
-        if path in written:
-            written.remove(path)
+            return
+        for item in items:
+            self.add_output(item, path)
 
     def write_atomically(self, path: str, rows: list[Any]) -> None:
         try:
