@@ -105,6 +105,16 @@ def ensure_parent(path: str) -> None:
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
 
 
+def _file_mode() -> int:
+    """0666 less this process's umask: the mode `open()` would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 class AtomicFile:
     """A file that appears at `path` whole on `commit()`, or never (`abort()`)."""
 
@@ -116,6 +126,7 @@ class AtomicFile:
             fd, self._tmp = tempfile.mkstemp(
                 dir=os.path.dirname(self._target) or ".", prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX
             )
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
             self.file: IO[bytes] = os.fdopen(fd, "wb")
         else:
             self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by commit or abort)
