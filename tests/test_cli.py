@@ -121,7 +121,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not out.exists()
     assert "backend    threads (3 workers), up to 6 partitions in flight" in result.stdout
-    assert "items      24 in 3 partitions of 8" in result.stdout
+    assert "items      24 in 6 partitions of 4" in result.stdout
     assert f"write     write_images  <- thumb  -> {out}/images" in result.stdout
 
 
@@ -198,7 +198,14 @@ def test_progress_is_a_periodic_log_line_on_a_pipe(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "progress job=thumbnails" in line]
-    assert [line.split("done=")[1].split()[0] for line in lines] == ["8", "16", "24"]
+    assert [line.split("done=")[1].split()[0] for line in lines] == [
+        "4",
+        "8",
+        "12",
+        "16",
+        "20",
+        "24",
+    ]
     assert "total=24 failed=0" in lines[-1] and "\r" not in result.stderr
 
 
