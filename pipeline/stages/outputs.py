@@ -98,11 +98,25 @@ def join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if "://" in folder else os.path.join(folder, name)
 
 
+LOCAL_FS = LocalFileSystem()
+
+
+def split_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`url_to_fs`, skipped for a plain local path (no ':', so no scheme or chain).
+
+    Every output write asks this, so sparing fsspec's URL parsing matters.
+    """
+    if ":" not in path:
+        return LOCAL_FS, path
+    return fsspec.core.url_to_fs(path)
+
+
 def ensure_parent(path: str) -> None:
     """Create a local file's folder; object stores need none (a key may contain slashes)."""
-    fs, local = fsspec.core.url_to_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    fs, local = split_fs(path)
+    folder = os.path.dirname(local) or "."
+    if isinstance(fs, LocalFileSystem) and not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
 
 
 def _file_mode() -> int:
@@ -120,7 +134,7 @@ class AtomicFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.fs, self._target = fsspec.core.url_to_fs(path)
+        self.fs, self._target = split_fs(path)
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:
             fd, self._tmp = tempfile.mkstemp(

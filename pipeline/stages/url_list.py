@@ -131,8 +131,23 @@ class UrlList(Source):
     description = "URLs or paths from a txt/csv/tsv/jsonl/parquet list, streamed"
 
     def iter_items(self) -> Iterator[SourceItem]:
+        base = _base(self.options.path)  # type: ignore[attr-defined]
+        for number, entry, row in self._entries():
+            yield SourceItem(number, resolve(entry, base), self._fields(row))
+
+    def count_items(self) -> int | None:
+        """The item count for progress, when the list is small enough to read twice.
+
+        Counts the entries without resolving paths or building items: only the number matters.
+        """
+        fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
+        if fs.size(path) > COUNT_LIMIT_BYTES:
+            return None
+        return sum(1 for _ in self._entries())
+
+    def _entries(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """(line number, non-empty entry, row) of each row; a missing column is an error."""
         options: UrlListOptions = self.options  # type: ignore[assignment]
-        base = _base(options.path)
         for number, row in self._rows():
             if options.column not in row:
                 raise ConfigError(
@@ -141,14 +156,7 @@ class UrlList(Source):
                 )
             entry = str(row[options.column] or "").strip()
             if entry:
-                yield SourceItem(number, resolve(entry, base), self._fields(row))
-
-    def count_items(self) -> int | None:
-        """The item count for progress, when the list is small enough to read twice."""
-        fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
-        if fs.size(path) > COUNT_LIMIT_BYTES:
-            return None
-        return sum(1 for _ in self.iter_items())
+                yield number, entry, row
 
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
         options: UrlListOptions = self.options  # type: ignore[assignment]
