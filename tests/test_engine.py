@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+
+import pytest
+
 from pipeline.config import BackendConfig
-from pipeline.execution.backends import ThreadsBackend
+from pipeline.execution.backends import DistributedBackend, ThreadsBackend
 from pipeline.execution.engine import execute
 from pipeline.execution.runner import RunRequest, prepare
 from pipeline.stages.base import Partition, SourceItem
 
 
-def test_partitions_are_pulled_lazily_and_bounded(write_config, tmp_path):
+@pytest.fixture
+def plan(write_config, tmp_path):
+    """A plan whose items fail fast (no such file): cheap partitions for the engine."""
     config = write_config(
         f"""
         name: lazy
@@ -21,7 +27,15 @@ def test_partitions_are_pulled_lazily_and_bounded(write_config, tmp_path):
         """
     )
     (tmp_path / "urls.txt").write_text("")
-    plan, _ = prepare(RunRequest(config=config))
+    return prepare(RunRequest(config=config))[0]
+
+
+def missing_files(index: int) -> Partition:
+    items = tuple(SourceItem(i, f"/nonexistent/{index}/{i}") for i in range(10))
+    return Partition(index, "urls", items)
+
+
+def test_partitions_are_pulled_lazily_and_bounded(plan):
     pulled = 0
     pulled_at_first_result: list[int] = []
 
@@ -29,8 +43,7 @@ def test_partitions_are_pulled_lazily_and_bounded(write_config, tmp_path):
         nonlocal pulled
         for index in range(100_000):
             pulled += 1
-            items = tuple(SourceItem(i, f"/nonexistent/{index}/{i}") for i in range(10))
-            yield Partition(index, "urls", items)
+            yield missing_files(index)
             if index == 49:
                 return
 
@@ -45,3 +58,20 @@ def test_partitions_are_pulled_lazily_and_bounded(write_config, tmp_path):
     # At most max_in_flight partitions were submitted before the first result came back,
     # plus the one the engine holds while it waits for room.
     assert pulled_at_first_result[0] <= 4
+
+
+@pytest.mark.slow
+def test_a_cluster_client_keeps_no_finished_partition(plan):
+    """distributed's debug logs kept the last 1000 messages of each comm, and with them
+    every task's partition: the client grew with the input (issue 3)."""
+    alive: set[int] = set()
+
+    def note_live_partitions(executor):
+        gc.collect()
+        alive.update(o.index for o in gc.get_objects() if isinstance(o, Partition))
+
+    backend = DistributedBackend(BackendConfig(kind="distributed", workers=1))
+    execute(
+        plan, backend, map(missing_files, range(40)), lambda records: None, note_live_partitions
+    )
+    assert len(alive) <= backend.max_in_flight  # at most what may be in flight; was all 40

@@ -34,6 +34,10 @@ WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may st
 DEFAULT_THREADS_PER_WORKER = 2  # as workers_per_core: a second task hides the first's waits
 # The statistical profiler samples every worker thread: 6 % of CPU per image (bench).
 LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
+# Debug logs (each comm's last messages, the scheduler's transitions) keep 1000 entries
+# each, and a logged task message keeps its partition alive: the client grew by up to
+# 1000 partitions per comm, three comms with a LocalCluster (its scheduler is in-process).
+CLIENT_CONFIG = {"distributed.admin.low-level-log-length": 0}
 
 
 def default_workers() -> int:
@@ -160,21 +164,30 @@ class DistributedBackend(Backend):
     def _connect(self) -> Client:
         """A client of the scheduler at `address`, or of a new LocalCluster; closed on exit."""
         import dask
+        import distributed  # noqa: F401 (load its defaults first: leaving `config.set` restores them)
+
+        with dask.config.set(CLIENT_CONFIG):  # read as comms and the scheduler start
+            return self._remote_client() if self.address else self._local_client()
+
+    def _local_client(self) -> Client:
+        import dask
         from distributed import Client, LocalCluster
 
-        if not self.address:
-            with dask.config.set(LOCAL_CLUSTER_CONFIG):  # nannies hand it to their workers
-                cluster = self._stack.enter_context(
-                    LocalCluster(
-                        n_workers=self.workers,
-                        threads_per_worker=self.config.threads_per_worker
-                        or DEFAULT_THREADS_PER_WORKER,
-                        processes=True,
-                        dashboard_address="127.0.0.1:0",
-                        host="127.0.0.1",
-                    )
+        with dask.config.set(LOCAL_CLUSTER_CONFIG):  # nannies hand it to their workers
+            cluster = self._stack.enter_context(
+                LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=self.config.threads_per_worker or DEFAULT_THREADS_PER_WORKER,
+                    processes=True,
+                    dashboard_address="127.0.0.1:0",
+                    host="127.0.0.1",
                 )
-            return self._stack.enter_context(Client(cluster))
+            )
+        return self._stack.enter_context(Client(cluster))
+
+    def _remote_client(self) -> Client:
+        from distributed import Client
+
         try:
             client = self._stack.enter_context(Client(self.address, timeout=CONNECT_TIMEOUT))
             client.wait_for_workers(1, timeout=WORKER_WAIT)
