@@ -19,6 +19,7 @@ from pipeline.execution.runner import RunRequest, prepare
 from pipeline.plan import Plan
 from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
 from pipeline.plan.schema import schema_text
+from pipeline.stages.outputs import output_folder
 from pipeline.state.results import REPORT_FILE, RESULTS_FILE
 
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
@@ -117,9 +118,7 @@ def _items(total: int | None, size: int) -> str:
 def _sink_path(run_dir: str, options: object) -> str | None:
     """Where a sink writes: its `path` option, inside the run directory unless absolute."""
     path = getattr(options, "path", None)
-    if not isinstance(path, str):
-        return None
-    return path if urlsplit(path).scheme or Path(path).is_absolute() else f"{run_dir}/{path}"
+    return output_folder(run_dir, path) if isinstance(path, str) else None
 
 
 def warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import logs
 from pipeline.plan import Plan
-from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX
+from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX, output_folder
 
 MANIFEST_FILE = "manifest.sqlite"
 HISTORY_FILE = "history.jsonl"
@@ -21,12 +21,11 @@ log = logs.logger("state")
 
 def sink_folders(plan: Plan) -> list[Path]:
     """The local folders sinks write into (their `path` option, relative to the run dir)."""
-    run_dir = Path(plan.config.output)
     folders = []
     for node in plan.nodes:
         path = getattr(node.options, "path", None)
         if node.role == "sink" and isinstance(path, str) and "://" not in path:
-            folders.append(run_dir / path)
+            folders.append(Path(output_folder(plan.config.output, path)))
     return folders
 
 
