@@ -38,3 +38,21 @@ def test_draft_decode_to_the_box_keeps_thumbnail_quality(write_config, tmp_path)
     reference = Image.open(io.BytesIO(data)).resize((256, 192), Image.LANCZOS)
     assert thumb.size == (256, 192)
     assert _psnr(thumb, reference) > 38
+
+
+def test_draft_keeps_both_sides_for_a_consumer_that_fills_the_box(write_config, tmp_path):
+    """A cover resize crops a panorama to the box: its short side must reach the box too."""
+    (tmp_path / "urls.txt").write_text("x.jpg\n")
+    config = write_config(f"""
+        name: t
+        output: {tmp_path / "out"}
+        stages:
+          urls: {{kind: url_list, path: {tmp_path / "urls.txt"}}}
+          download: {{kind: download, input: urls, allow_schemes: [file]}}
+          decode: {{kind: decode, input: download}}
+          thumb: {{kind: thumbnail, input: decode, size: [256, 256]}}
+          square: {{kind: resize, input: decode, size: [256, 256], mode: cover}}
+    """)
+    stages = build_plan(*load_config(config)).compile()
+    decoded = stages["decode"].process(Item({}, jpeg_bytes(photo(1600, 400, seed=4))))
+    assert decoded.data.size == (1600, 400)  # 1/2 scale would leave the short side at 200

@@ -165,6 +165,12 @@ class Step(Stage):
         """
         return None
 
+    def fits_inside_preferred_size(self) -> bool:
+        """True if this step's output fits inside `preferred_input_size()` (a thumbnail),
+        so a decoder may shrink the input until its longer side reaches the box. False if
+        the output must fill the box (cover, stretch): each side must reach it then."""
+        return True
+
     def for_partition(self, partition: Partition) -> Step:
         """The object that processes one partition; override for per-partition state."""
         return self

@@ -75,16 +75,20 @@ class Decode(Step):
     Options = DecodeOptions
     description = "Decode bytes with Pillow (allow-listed formats, EXIF, modes)"
     draft_size: tuple[int, int] | None = None
+    draft_fitted = False  # every consumer fits inside the box: its longer side may reach it
 
     def connect(self, consumers: list[Stage]) -> None:
-        sizes = [c.preferred_input_size() for c in consumers if isinstance(c, Step)]
+        steps = [c for c in consumers if isinstance(c, Step)]
+        sizes = [step.preferred_input_size() for step in steps]
         if self.options.draft and sizes and all(sizes):  # type: ignore[attr-defined]
             side = max(max(size) for size in sizes if size)
             self.draft_size = (side, side)  # square: still big enough after an EXIF rotation
+            self.draft_fitted = all(step.fits_inside_preferred_size() for step in steps)
 
     def fingerprint_data(self) -> dict[str, Any]:
         """The draft scale comes from the consumers and changes the pixels: it counts."""
-        return {**super().fingerprint_data(), "draft_size": self.draft_size}
+        draft = {"draft_size": self.draft_size, "draft_fitted": self.draft_fitted}
+        return {**super().fingerprint_data(), **draft}
 
     def process(self, item: Item) -> Item:
         options: DecodeOptions = self.options  # type: ignore[assignment]
@@ -93,8 +97,9 @@ class Decode(Step):
             width=image.width, height=image.height, format=image.format, mode=image.mode
         )
         if self.draft_size and image.format == "JPEG":
-            # Fitted, not square: the DCT scale may then shrink both sides further.
-            image.draft("RGB", fit_inside(image.size, self.draft_size))
+            # Fitted, where consumers allow: the DCT scale may then shrink both sides further.
+            box = fit_inside(image.size, self.draft_size) if self.draft_fitted else self.draft_size
+            image.draft("RGB", box)
         load(image)
         return item.derive(normalize(orient(image)))
 

@@ -43,6 +43,9 @@ class Resize(ImageStep):
     def preferred_input_size(self) -> tuple[int, int]:
         return self.options.size  # type: ignore[attr-defined]
 
+    def fits_inside_preferred_size(self) -> bool:
+        return self.options.mode in ("fit", "pad")  # type: ignore[attr-defined]
+
     def transform(self, image: Image.Image) -> Image.Image:
         options: ResizeOptions = self.options  # type: ignore[assignment]
         size, method = options.size, RESAMPLING[options.resample]
