@@ -95,7 +95,8 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._run, name="download-watchdog")
                 self._thread.daemon = True
                 self._thread.start()
-            self._wakeup.notify()
+            if self._heap[0][2] is deadline:  # sooner than the thread's wake-up: wake it now
+                self._wakeup.notify()
 
     def _run(self) -> None:
         while True:
