@@ -31,17 +31,3 @@ def test_make_run_demo(tmp_path):
     # photo-03 carries EXIF orientation 6 (rotate 90): its 1200x800 pixels become portrait.
     rotated = next(path for path in thumbs if path.name.startswith("photo-03-"))
     assert Image.open(rotated).size == (171, 256)
-
-
-def test_outputs_get_the_usual_file_mode(tmp_path):
-    """Atomic writes go through mkstemp (0600); the finished file has 0666 & ~umask."""
-    import os
-    import stat
-
-    from pipeline.stages.outputs import atomic_write
-
-    umask = os.umask(0o022)
-    os.umask(umask)
-    path = tmp_path / "thumb.jpg"
-    atomic_write(str(path), b"data")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

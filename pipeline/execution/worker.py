@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.plan import Plan
 from pipeline.stages.base import Item, Partition, Record, Step
+from pipeline.stages.outputs import durable_batch
 from pipeline.stages.reducing import is_output
 
 _compiled: dict[str, CompiledPlan] = {}
@@ -55,8 +56,15 @@ def sinks_below(plan: Plan) -> dict[str, frozenset[str]]:
 
 
 def run_partition(plan: Plan, partition: Partition) -> list[Record]:
-    """Run every item of `partition` through the DAG; one record per item."""
-    compiled_plan = compiled(plan)
+    """Run every item of `partition` through the DAG; one record per item.
+
+    The records are returned only once every output they name is durable.
+    """
+    with durable_batch():
+        return _run(compiled(plan), partition)
+
+
+def _run(compiled_plan: CompiledPlan, partition: Partition) -> list[Record]:
     bound = {name: step.for_partition(partition) for name, step in compiled_plan.steps.items()}
     records = [item.new_record() for item in partition.items]
     wanted = {}

@@ -1,21 +1,29 @@
 """Helpers shared by sinks: safe output names, output locations and atomic writes.
 
 Outputs may go to any fsspec URL (`memory://`, `s3://bucket/prefix`, ...) or a local
-path. Locally a file is written to a temp file in the same folder, fsynced and
-renamed over its name; on object stores one PUT of the finished bytes is atomic
-(readers see the whole object or none), so a temp file is spooled and put once.
+path. Locally a file is written to a temp file in the same folder and renamed over
+its name; on object stores one PUT of the finished bytes is atomic (readers see the
+whole object or none), so a temp file is spooled and put once.
+
+A local file is made durable (on disk, name included) before anyone is told it is
+written: by an fsync of the file and its folder when written alone, or, inside
+`durable_batch()` (one partition), by one `syncfs` per filesystem at the end of the
+batch, before the partition's records go to the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 import unicodedata
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -149,9 +157,15 @@ class AtomicFile:
         try:
             if self._local:
                 self.file.flush()
-                os.fsync(self.file.fileno())
+                batch = _durable_batch()
+                if batch is None:
+                    os.fsync(self.file.fileno())
                 self.file.close()
                 os.replace(self._tmp, self._target)
+                if batch is None:
+                    fsync_path(os.path.dirname(self._target) or ".")
+                else:
+                    batch.append(self._target)
             else:
                 self.file.seek(0)
                 with self.fs.open(self._target, "wb") as remote:
@@ -166,6 +180,80 @@ class AtomicFile:
         if self._local:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp)
+
+
+_batch = threading.local()
+
+
+def _durable_batch() -> list[str] | None:
+    """The files written in this thread's open `durable_batch()`, if one is open."""
+    return getattr(_batch, "paths", None)
+
+
+@contextlib.contextmanager
+def durable_batch() -> Iterator[None]:
+    """Defer making local outputs durable to the end of the block, then do it at once.
+
+    An fsync per file costs a journal commit each (about 0.2 ms of CPU per output on
+    ext4, bench); one `syncfs` per filesystem at the end of a 64-item partition costs
+    about half as much in all. Outputs are still renamed into place one by one, whole.
+    """
+    outer = _durable_batch()
+    _batch.paths = [] if outer is None else outer
+    try:
+        yield
+        if outer is None:
+            make_durable(_batch.paths)
+    finally:
+        if outer is None:
+            del _batch.paths
+
+
+def make_durable(paths: list[str]) -> None:
+    """Flush `paths` (written, closed and renamed) and their folders to disk.
+
+    Raises RunIncompleteError: outputs that may not be on disk must not be reported.
+    """
+    folders = {os.path.dirname(path) or "." for path in paths}
+    try:
+        if _syncfs is not None:
+            devices = {os.stat(folder).st_dev: folder for folder in folders}
+            for folder in devices.values():
+                _syncfs_path(folder)
+            return
+        for path in [*paths, *folders]:
+            fsync_path(path)
+    except OSError as exc:
+        raise RunIncompleteError(f"cannot flush outputs to disk: {exc}") from None
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or folder by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs() -> Any:
+    """Linux's syncfs(2), or None where the C library has none."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    return None
+
+
+_syncfs = _libc_syncfs()
+
+
+def _syncfs_path(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), folder)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str, data: bytes) -> None:
