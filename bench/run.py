@@ -30,8 +30,8 @@ import psutil
 
 from bench import report
 from bench.corpus import ensure_corpus
+from bench.server import StaticServer
 from pipeline.execution.backends import default_workers
-from pipeline.testing.server import TestServer
 
 HERE = Path(__file__).resolve().parent
 LATENCIES = {"0ms": 0.0, "50ms": 0.05}
@@ -99,14 +99,14 @@ def scratch_folder() -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
-def serve(stack: ExitStack, files: list[Path], latency: float) -> TestServer:
-    server = stack.enter_context(TestServer(latency=latency))
+def serve(stack: ExitStack, files: list[Path], latency: float) -> StaticServer:
+    server = stack.enter_context(StaticServer(latency=latency))
     for path in files:
         server.add_bytes(f"/img/{path.name}", path.read_bytes())
     return server
 
 
-def url_file(folder: Path, name: str, server: TestServer, files: list[Path]) -> Path:
+def url_file(folder: Path, name: str, server: StaticServer, files: list[Path]) -> Path:
     path = folder / f"urls-{name}.txt"
     path.write_text("".join(server.url(f"/img/{file.name}") + "\n" for file in files))
     return path

@@ -22,13 +22,13 @@ from typing import Any
 
 from bench.corpus import ensure_corpus
 from bench.run import HERE, run_one, scratch_folder, serve
+from bench.server import StaticServer
 from pipeline.execution.backends import default_workers
-from pipeline.testing.server import TestServer
 
 MIB = 1024 * 1024
 
 
-def query_urls(path: Path, server: TestServer, files: list[Path], lines: int) -> Path:
+def query_urls(path: Path, server: StaticServer, files: list[Path], lines: int) -> Path:
     """`lines` distinct URLs cycling over the corpus (`?n=<line>`), written lazily."""
     with path.open("w") as out:
         for line in range(lines):

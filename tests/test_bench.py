@@ -47,3 +47,26 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path):
     assert all(row["images"] == 6 and row["rate"] > 0 for row in rows)
     assert Image.open(tmp_path / "latest.png").size[0] > 0
     assert "| pipeline threads 0ms" in result.stdout
+
+
+def test_the_bench_server_serves_bytes_with_keep_alive_and_latency():
+    import http.client
+    import time
+
+    from bench.server import StaticServer
+
+    with StaticServer(latency=0.05) as server:
+        server.add_bytes("/img/a.jpg", b"\xff\xd8" * 40_000)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        started = time.perf_counter()
+        connection.request("GET", "/img/a.jpg?copy=7")  # the query is not part of the name
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"\xff\xd8" * 40_000)
+        assert response.getheader("Content-Type") == "image/jpeg"
+        assert time.perf_counter() - started >= 0.05
+        connection.request("HEAD", "/img/a.jpg")  # the same connection: kept alive
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"")
+        assert response.getheader("Content-Length") == "80000"
+        connection.request("GET", "/img/missing.jpg")
+        assert connection.getresponse().status == 404
