@@ -99,18 +99,24 @@ def test_kill_9_mid_batch_then_rerun_equals_clean_run(
     assert not [*out.rglob(".tmp-*"), *empty]
 
 
-def pool_workers(pid: int) -> list[int]:
-    """The process pool's worker processes started by `pid` (spawned, not the tracker)."""
-    workers = []
+def children(pid: int) -> list[tuple[int, bytes]]:
+    """The (pid, command line) of each child process of `pid`."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if parent == pid and b"spawn_main" in command:
-            workers.append(int(stat.parent.name))
-    return workers
+        if parent == pid:
+            found.append((int(stat.parent.name), command))
+    return found
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The process pool's workers: children of the forkserver that `pid` started."""
+    servers = [child for child, command in children(pid) if b"forkserver" in command]
+    return [worker for server in servers for worker, _ in children(server)]
 
 
 @pytest.mark.slow

@@ -36,12 +36,17 @@ def stage_kinds() -> dict[str, type[Stage]]:
 _loaded = False
 
 
+def stage_modules() -> list[str]:
+    """The names of every module in this package (where stage kinds live)."""
+    import pipeline.stages as package
+
+    return [module.name for module in pkgutil.walk_packages(package.__path__, "pipeline.stages.")]
+
+
 def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    import pipeline.stages as package
-
-    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        importlib.import_module(module.name)
+    for name in stage_modules():
+        importlib.import_module(name)
     _loaded = True
