@@ -79,6 +79,11 @@ def lever_measurements() -> list[dict[str, Any]]:
             **{"kind": "download", "latency": "0ms", "reuse": False},
         },
         lever("decode draft off", "0ms", set=["stages.decode.draft=false"]),
+        lever(
+            "spawned workers (dask's default)",
+            "0ms",
+            env={"DASK_MULTIPROCESSING__CONTEXT": "spawn"},
+        ),
         lever("1 worker per core", "0ms", set=[one_per_core]),
         lever("1 worker per core, 50ms", "50ms", set=[one_per_core]),
         {
