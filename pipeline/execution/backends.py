@@ -35,8 +35,8 @@ CONNECT_TIMEOUT = "10s"
 WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may start empty)
 DEFAULT_THREADS_PER_WORKER = 2  # as workers_per_core: a second task hides the first's waits
 # The statistical profiler samples every worker thread: 6 % of CPU per image (bench).
-# Worker processes fork from a forkserver that has imported distributed once, instead
-# of each spawning and importing it.
+# Worker processes fork from a forkserver that has imported distributed and the worker
+# code once (`preloaded_forkserver`), instead of each spawning and importing them.
 LOCAL_CLUSTER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.worker.multiprocessing-method": "forkserver",
@@ -136,8 +136,23 @@ def process_context() -> multiprocessing.context.BaseContext:
 
     if dask.config.get("multiprocessing.context", None) or sys.platform == "win32":
         return get_context()
+    return preloaded_forkserver()
+
+
+WORKER_MODULES = ("pipeline.execution.worker",)
+# What distributed preloads when it starts the forkserver for a LocalCluster's workers.
+DISTRIBUTED_MODULES = ("distributed", "dask", "msgpack", "cloudpickle", "tornado", "toolz")
+
+
+def preloaded_forkserver(*extra: str) -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server started (once per process) with the worker
+    code and every stage module imported, plus `extra` modules; children it forks
+    start with all of them loaded. A server already running keeps its own modules."""
+    from multiprocessing import forkserver
+
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.execution.worker", *stage_modules()])
+    context.set_forkserver_preload([*WORKER_MODULES, *stage_modules(), *extra])
+    forkserver.ensure_running()
     return context
 
 
@@ -194,6 +209,7 @@ class DistributedBackend(Backend):
         import dask
         from distributed import Client, LocalCluster
 
+        preloaded_forkserver(*DISTRIBUTED_MODULES)  # before distributed starts it without ours
         with dask.config.set(LOCAL_CLUSTER_CONFIG):  # nannies hand it to their workers
             cluster = self._stack.enter_context(
                 LocalCluster(
