@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from pathlib import Path
 
@@ -331,6 +332,34 @@ def test_user_agent_and_per_host_limit(hostile):
     assert len(results) == 8 and all(item.data == IMAGE for item in results)
     assert peak[0] <= 2
     assert set(seen) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
+
+
+def test_per_host_limits_each_worker_not_the_whole_process(hostile):
+    """Two partitions on two task threads of one process: each has its own 2 slots."""
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_image(request):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        send_bytes(request, IMAGE, "image/jpeg")
+
+    hostile.add("/slow-shared.jpg", slow_image)
+    options = {**FAST, "allow_hosts": [f"127.0.0.1:{hostile.port}"], "concurrency": 8}
+    stage = Download("download", DownloadOptions(**options, per_host=2), JobContext("h", "."))
+
+    def partition(first: int) -> list[Item]:
+        urls = [hostile.url("/slow-shared.jpg") + f"?{i}" for i in range(first, first + 6)]
+        items = [Item(SourceItem(i, url).new_record(), None) for i, url in enumerate(urls)]
+        return list(stage.stream(items))
+
+    with ThreadPoolExecutor(2) as workers:
+        results = [item for part in workers.map(partition, (0, 6)) for item in part]
+    assert len(results) == 12 and all(item.data == IMAGE for item in results)
+    assert peak[0] == 4  # 2 per worker, both workers at once
 
 
 # The whole pipeline on a hostile URL list, in a subprocess that reports its peak memory.

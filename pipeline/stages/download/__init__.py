@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 from pipeline.errors import ItemError
 from pipeline.stages.base import Item, Record, Step
 from pipeline.stages.download.fsspec_io import read_fsspec
-from pipeline.stages.download.http import fetcher_for
+from pipeline.stages.download.http import HostSlots, fetcher_for, use_host_slots
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.registry import register
@@ -65,8 +65,9 @@ class Download(Step):
 
     def stream(self, items: Iterable[Item]) -> Iterator[Item]:
         """Keep `concurrency` downloads in flight; yield results in input order."""
-        concurrency = self.options.concurrency  # type: ignore[attr-defined]
-        pool = _download_threads(concurrency)
+        options: DownloadOptions = self.options  # type: ignore[assignment]
+        pool = _download_threads(options.concurrency, options.per_host)
+        concurrency = options.concurrency
         window: deque[Future[Item | None]] = deque()
         for item in items:
             window.append(pool.submit(self.run_one, item))
@@ -83,17 +84,24 @@ class Download(Step):
 _task_thread = threading.local()
 
 
-def _download_threads(concurrency: int) -> ThreadPoolExecutor:
+def _download_threads(concurrency: int, per_host: int) -> ThreadPoolExecutor:
     """The download pool of the worker thread running this partition, made once.
 
     Starting `concurrency` threads for every partition cost ~11 ms of wall time per
     partition under load (bench). One pool per task thread, not per process, keeps
     exactly `concurrency` requests per partition and no more threads than that.
+    The pool's threads share one `per_host` limit: a limit per worker, whether the
+    backend's workers are threads of one process or processes.
     """
-    pools: dict[int, ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
-    if concurrency not in pools:
-        pools[concurrency] = ThreadPoolExecutor(concurrency, thread_name_prefix="download")
-    return pools[concurrency]
+    pools: dict[tuple[int, int], ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
+    if (concurrency, per_host) not in pools:
+        pools[concurrency, per_host] = ThreadPoolExecutor(
+            concurrency,
+            thread_name_prefix="download",
+            initializer=use_host_slots,
+            initargs=(HostSlots(per_host),),
+        )
+    return pools[concurrency, per_host]
 
 
 def url_scheme(url: str) -> str:

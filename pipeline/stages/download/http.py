@@ -120,7 +120,11 @@ def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
 
 
 class HostSlots:
-    """At most `limit` requests in flight per host; idle hosts take no memory."""
+    """At most `limit` requests in flight per host; idle hosts take no memory.
+
+    A fetcher has one for the whole process; a worker's download threads share their
+    own instead (`use_host_slots`), so the limit holds per worker on every backend.
+    """
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -140,6 +144,14 @@ class HostSlots:
                 if not self._busy[host]:
                     del self._busy[host]
                 self._changed.notify_all()
+
+
+_thread_slots = threading.local()
+
+
+def use_host_slots(slots: HostSlots) -> None:
+    """Make this thread's fetches count against `slots` instead of the fetcher's own."""
+    _thread_slots.slots = slots
 
 
 class HttpFetcher:
@@ -167,7 +179,8 @@ class HttpFetcher:
             attempt += 1
 
     def _attempt(self, url: str) -> bytes:
-        with self.slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
+        slots = getattr(_thread_slots, "slots", self.slots)
+        with slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
             try:
                 response = self._open(url)
                 return self._read(response, dl)

@@ -11,7 +11,7 @@ from pipeline.stages.download.policy import AllowEntry
 class DownloadOptions(Options):
     concurrency: PositiveInt = Field(16, description="Requests in flight per partition")
     per_host: PositiveInt = Field(
-        16, description="Requests in flight per host, per process; lower it for small servers"
+        16, description="Requests in flight per host, per worker; lower it for small servers"
     )
     timeout: PositiveFloat = Field(
         10.0, description="Total seconds per attempt (all redirects, headers and body)"
