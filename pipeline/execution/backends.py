@@ -44,7 +44,13 @@ LOCAL_CLUSTER_CONFIG = {
 # Debug logs (each comm's last messages, the scheduler's transitions) keep 1000 entries
 # each, and a logged task message keeps its partition alive: the client grew by up to
 # 1000 partitions per comm, three comms with a LocalCluster (its scheduler is in-process).
-CLIENT_CONFIG = {"distributed.admin.low-level-log-length": 0}
+# Every event loop (client, LocalCluster scheduler and workers) wakes every 20 ms by
+# default only to time itself: 500 ms still catches a stuck loop, and a LocalCluster
+# at rest then costs 2.8 % of a core instead of 6 % (client plus two workers).
+CLIENT_CONFIG = {
+    "distributed.admin.low-level-log-length": 0,
+    "distributed.admin.tick.interval": "500ms",
+}
 
 
 def default_workers() -> int:
