@@ -38,16 +38,20 @@ LATENCIES = {"0ms": 0.0, "50ms": 0.05}
 BACKENDS = ("threads", "processes", "distributed")
 
 
-def measurements(levers: bool) -> list[dict[str, Any]]:
-    """What to measure, in order. The ceiling runs first and last to expose drift."""
+def measurements(levers: bool, rounds: int) -> list[dict[str, Any]]:
+    """What to measure, in order. The ceiling runs first and last to expose drift; the
+    tutorial and the pipeline rows run `rounds` times, one round after the other, each
+    backend's 0 ms and 50 ms next to each other."""
     specs: list[dict[str, Any]] = [
         {"label": "ceiling (in memory, draft)", "kind": "ceiling"},
         {"label": "server: download only", "kind": "download", "latency": "0ms"},
-        {"label": "tutorial (threads+processes)", "kind": "tutorial", "latency": "0ms"},
     ]
-    for latency in LATENCIES:
-        for backend in BACKENDS:
-            specs.append(
+    compared: list[dict[str, Any]] = [
+        {"label": "tutorial (threads+processes)", "kind": "tutorial", "latency": "0ms"}
+    ]
+    for backend in BACKENDS:
+        for latency in LATENCIES:
+            compared.append(
                 {
                     "label": f"pipeline {backend} {latency}",
                     "kind": "pipeline",
@@ -55,10 +59,25 @@ def measurements(levers: bool) -> list[dict[str, Any]]:
                     "latency": latency,
                 }
             )
+    specs += compared * rounds
     if levers:
         specs += lever_measurements()
     specs.append({"label": "ceiling again (drift check)", "kind": "ceiling"})
     return specs
+
+
+def best_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label, in first-seen order: the round with the most images/s (other
+    load on a shared machine only ever slows a round down), with every round's rate."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        rate = row["images"] / row["wall"]
+        kept = best.setdefault(row["label"], {**row, "round_rates": []})
+        rates = [*kept["round_rates"], rate]
+        if rate > kept["images"] / kept["wall"]:
+            kept = best[row["label"]] = dict(row)
+        kept["round_rates"] = rates
+    return list(best.values())
 
 
 def lever_measurements() -> list[dict[str, Any]]:
@@ -140,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="images in the corpus")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each compared row; the best is kept"
+    )
     parser.add_argument("--only", nargs="*", help="run only labels containing these words")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     files_list = scratch / "files.txt"
     files_list.write_text("".join(f"{path}\n" for path in files))
 
-    specs = measurements(args.levers)
+    specs = measurements(args.levers, args.rounds)
     if args.only:
         specs = [s for s in specs if any(word in s["label"] for word in args.only)]
     rows: list[dict[str, Any]] = []
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(spec)
             rows.append(row)
             print(f"  {row['label']:<36} {row['images'] / row['wall']:8.1f} img/s", flush=True)
-    return finish(args, rows, workers, time.perf_counter() - started)
+    return finish(args, best_rounds(rows), workers, time.perf_counter() - started)
 
 
 def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, wall: float) -> int:

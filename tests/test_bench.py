@@ -45,6 +45,7 @@ def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path):
         "pipeline threads 0ms",
     ]
     assert all(row["images"] == 6 and row["rate"] > 0 for row in rows)
+    assert [len(row["round_rates"]) for row in rows] == [1, 2, 2]  # 2 rounds by default
     assert Image.open(tmp_path / "latest.png").size[0] > 0
     assert "| pipeline threads 0ms" in result.stdout
 
@@ -70,3 +71,19 @@ def test_the_bench_server_serves_bytes_with_keep_alive_and_latency():
         assert response.getheader("Content-Length") == "80000"
         connection.request("GET", "/img/missing.jpg")
         assert connection.getresponse().status == 404
+
+
+def test_best_rounds_keeps_the_fastest_round_of_each_row():
+    from bench.run import best_rounds
+
+    rows = [
+        {"label": "a", "images": 10, "wall": 2.0, "cpu": 1},
+        {"label": "b", "images": 10, "wall": 1.0, "cpu": 2},
+        {"label": "a", "images": 10, "wall": 1.0, "cpu": 3},
+        {"label": "b", "images": 10, "wall": 4.0, "cpu": 4},
+    ]
+    best = best_rounds(rows)
+    assert [(row["label"], row["cpu"], row["round_rates"]) for row in best] == [
+        ("a", 3, [5.0, 10.0]),
+        ("b", 2, [10.0, 2.5]),
+    ]
