@@ -112,8 +112,11 @@ def read_lines(path: str) -> list[str]:
     return Path(path).read_text().split()
 
 
-class FirstRecords(Exception):
-    """Stops a run as soon as its first records are in (the start-up measurement)."""
+class FirstRecords(BaseException):
+    """Stops a run as soon as its first records are in (the start-up measurement).
+
+    Not an Exception: the runner reports any Exception from inside a run as the run
+    breaking (exit 4); this one, like KeyboardInterrupt, passes through as it is."""
 
 
 def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
