@@ -194,9 +194,9 @@ def _durable_batch() -> list[str] | None:
 def durable_batch() -> Iterator[None]:
     """Defer making local outputs durable to the end of the block, then do it at once.
 
-    An fsync per file costs a journal commit each (about 0.2 ms of CPU per output on
-    ext4, bench); one `syncfs` per filesystem at the end of a 64-item partition costs
-    about half as much in all. Outputs are still renamed into place one by one, whole.
+    An fsync per file forces a journal commit per output; one `syncfs` per filesystem
+    at the end of a partition commits once (1,000 bench images on ext4: system CPU
+    0.62-0.76 -> 0.36-0.47 s). Outputs are still renamed into place one by one, whole.
     """
     outer = _durable_batch()
     _batch.paths = [] if outer is None else outer
