@@ -135,6 +135,21 @@ def test_plan_warns_of_local_output_with_a_remote_scheduler():
     assert "1 partition(s) for" in result.stdout  # 24 items in one partition of 64
 
 
+def test_plan_warns_of_a_stage_that_feeds_no_sink():
+    gray = "stages.gray={kind: convert, input: decode, mode: L}"
+    result = cli("plan", DEMO, "--set", gray)
+    assert result.returncode == 0, result.stderr
+    assert "stage gray feeds no sink: it will not run" in result.stdout
+    assert "feeds no sink" not in cli("plan", DEMO).stdout
+
+
+def test_run_logs_the_plan_warnings(tmp_path):
+    gray = "stages.gray={kind: convert, input: decode, mode: L}"
+    result = cli("run", DEMO, "--set", gray, "--set", f"output={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "stage gray feeds no sink" in result.stderr
+
+
 def test_graph_mermaid_and_dot():
     mermaid = cli("graph", DEMO)
     assert mermaid.returncode == 0, mermaid.stderr

@@ -16,6 +16,7 @@ from pipeline.cli.arguments import (
 from pipeline.errors import EXIT_OK
 from pipeline.execution.backends import Backend, DistributedBackend
 from pipeline.execution.runner import RunRequest, prepare
+from pipeline.execution.worker import sinks_below
 from pipeline.plan import Plan
 from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
 from pipeline.plan.schema import schema_text
@@ -131,6 +132,13 @@ def warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
             found.append(
                 f"output {output} is a local path but the scheduler is {backend.address}: "
                 "each worker writes to its own disk; use a shared path or URL"
+            )
+    below = sinks_below(plan)
+    for node in plan.nodes:
+        if not below[node.name]:
+            found.append(
+                f"stage {node.name} feeds no sink: it will not run "
+                "(add a sink below it, or remove it)"
             )
     if total == 0:
         found.append("the sources hold no items: the run will do nothing")

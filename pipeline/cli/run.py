@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from pipeline.cli.arguments import add_backend_arguments, add_config_arguments, request_from
-from pipeline.cli.inspect import describe_plan
+from pipeline.cli.inspect import describe_plan, warnings
 from pipeline.errors import EXIT_OK, ItemsFailedError
 from pipeline.execution.runner import prepare, run
 from pipeline.logs import fields, logger
@@ -48,6 +48,8 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     total = plan.count_items()
     logger().info("run %s", fields(job=plan.config.name, items=total, backend=backend.describe()))
+    for warning in warnings(plan, backend, total):
+        logger().warning(warning)
     progress = None
     if args.verbosity != "quiet":
         progress = Progress(plan.config.name, total, interval=args.progress_interval)
