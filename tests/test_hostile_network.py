@@ -334,6 +334,24 @@ def test_user_agent_and_per_host_limit(hostile):
     assert set(seen) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
 
 
+def test_a_hanging_dns_lookup_is_cut_by_the_deadline(hostile, monkeypatch):
+    """The OS resolver may wait many seconds for a DNS server that never answers."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):
+        if host == "slow-dns.test":
+            time.sleep(5)  # a DNS server that does not answer
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    started = time.monotonic()
+    url = f"http://slow-dns.test:{hostile.port}/ok.jpg"
+    record, _ = download(url, allow_hosts=[f"slow-dns.test:{hostile.port}"], timeout=0.5)
+    assert failed(record) == "timeout" and "resolving slow-dns.test" in record["message"]
+    assert time.monotonic() - started < 2
+
+
 def test_per_host_limits_each_worker_not_the_whole_process(hostile):
     """Two partitions on two task threads of one process: each has its own 2 slots."""
     active, peak, lock = [0], [0], threading.Lock()

@@ -4,7 +4,9 @@ Socket timeouts bound each `recv`, not a whole response: a server that sends
 one byte per second never trips them. A `Deadline` is entered around an
 attempt; connections register their sockets with the current deadline, and
 one watchdog thread per process shuts those sockets down when it expires, so
-the blocked read returns at once and the attempt fails as a timeout.
+the blocked read returns at once and the attempt fails as a timeout. A DNS
+lookup has no socket to cut: `within_deadline` runs it in a helper thread and
+stops waiting for it when the deadline expires.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+T = TypeVar("T")
+HELPER_THREADS = 16  # lookups that may hang at once, per process; more wait their turn
 
 _current = threading.local()
 
@@ -67,6 +76,43 @@ def watch_current(sock: socket.socket | None) -> None:
     deadline: Deadline | None = getattr(_current, "deadline", None)
     if deadline is not None and sock is not None:
         deadline.watch(sock)
+
+
+def within_deadline(call: Callable[[], T], what: str) -> T:
+    """`call()`, waited for only until this thread's deadline; TimeoutError after it.
+
+    For blocking calls that no socket shutdown can cut short (the resolver's
+    `getaddrinfo`). A call left behind finishes in its helper thread, unwaited.
+    """
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is None:
+        return call()
+    future = HELPERS.pool().submit(call)
+    try:
+        return future.result(timeout=max(0.0, deadline.remaining()))
+    except FutureTimeout:
+        raise TimeoutError(f"{what} took longer than the attempt's time limit") from None
+
+
+class Helpers:
+    """The helper threads of this process, started on first use (and anew after a fork)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="lookup")
+            return self._pool
+
+
+HELPERS = Helpers()
+os.register_at_fork(after_in_child=HELPERS._reset)
 
 
 def _shut(sock: socket.socket) -> None:

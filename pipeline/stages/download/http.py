@@ -20,6 +20,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
+    ConnectTimeoutError,
     DecodeError,
     LocationValueError,
     NameResolutionError,
@@ -29,7 +30,7 @@ from urllib3.exceptions import (
 
 from pipeline.errors import ItemError
 from pipeline.stages.base import Record
-from pipeline.stages.download.deadline import Deadline, watch_current
+from pipeline.stages.download.deadline import Deadline, watch_current, within_deadline
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.download.policy import (
     AddressPolicy,
@@ -61,10 +62,13 @@ class _Guarded:
     sock: socket.socket | None
 
     def _new_conn(self) -> socket.socket:
+        host, port = self._dns_host, self.port
         try:
-            address = self.policy.resolve(self._dns_host, self.port)
+            address = within_deadline(lambda: self.policy.resolve(host, port), f"resolving {host}")
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, str(exc)) from None
         dns_host, self._dns_host = self._dns_host, address  # connect to what was checked
         try:
             sock = super()._new_conn()  # type: ignore[misc]

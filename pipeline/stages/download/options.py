@@ -14,7 +14,7 @@ class DownloadOptions(Options):
         16, description="Requests in flight per host, per worker; lower it for small servers"
     )
     timeout: PositiveFloat = Field(
-        10.0, description="Total seconds per attempt (all redirects, headers and body)"
+        10.0, description="Total seconds per attempt (DNS lookups, redirects, headers and body)"
     )
     connect_timeout: PositiveFloat = Field(5.0, description="Seconds to establish a connection")
     read_timeout: PositiveFloat = Field(5.0, description="Seconds of silence allowed mid-read")
