@@ -90,6 +90,23 @@ def test_output_under_a_file_exits_4_and_marks_nothing_done(write_config, url_li
     assert report["exit_code"] == 4
 
 
+def test_a_fatal_error_cancels_the_queued_partitions(
+    write_config, url_list, image_server, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "blocker").write_text("a regular file where the output folder should be")
+    text = JOB.format(out=out, urls=url_list).replace("path: small", "path: blocker/small")
+    text = text.replace("workers: 2", "workers: 1, max_in_flight: 8")
+    config = write_config(text.replace("partition_size: 3", "partition_size: 1"))
+    before = sum(image_server.hits.values())
+    with pytest.raises(RunIncompleteError, match="Not a directory"):
+        run(RunRequest(config=config))
+    # The first partition fails the run; the worker may have started the next one.
+    # The other six of the eight submitted never run: without cancelling, all eight did.
+    assert sum(image_server.hits.values()) - before <= 2
+
+
 def can_mount_tmpfs() -> bool:
     if not shutil.which("unshare"):
         return False

@@ -43,12 +43,17 @@ def execute(
     with backend as executor:
         backend.prepare(plan)
         in_flight: dict[Future[list[Record]], Partition] = {}
-        for partition in parts:
-            if len(in_flight) >= backend.max_in_flight:
+        try:
+            for partition in parts:
+                if len(in_flight) >= backend.max_in_flight:
+                    _collect(in_flight, on_records)
+                in_flight[_submit(executor, backend, plan, partition)] = partition
+            while in_flight:
                 _collect(in_flight, on_records)
-            in_flight[_submit(executor, backend, plan, partition)] = partition
-        while in_flight:
-            _collect(in_flight, on_records)
+        except BaseException:
+            for future in in_flight:  # the run stops: queued partitions never start
+                future.cancel()
+            raise
         if after is not None:
             after(executor)
 
