@@ -153,3 +153,65 @@ def test_params_paths_and_page_parameter(tmp_path):
     assert [item.url for item in found] == [f"http://h/{p}-{n}.jpg" for p in (0, 1) for n in (0, 1)]
     assert [item.index for item in found] == [1, 2, 3, 4] and found[0].fields == {"kind": "photo"}
     assert server.hits["/search"] == 3
+
+
+def feed_handler(pages: int):
+    """`/feed` answers page by page, naming the next by cursor and by URL, both opaque."""
+
+    def handle(request) -> None:
+        query = parse_qs(urlsplit(request.path).query)
+        page = int(query.get("after", ["c0"])[0].removeprefix("c"))
+        assert query.get("key") == ["k"] or page > 0  # the params go with the first request
+        last = page == pages - 1
+        body = {
+            "items": [{"url": f"http://h/{page}-{n}.jpg"} for n in range(2)],
+            "meta": {
+                "cursor": None if last else f"c{page + 1}",
+                "next": None if last else f"/feed?after=c{page + 1}",
+            },
+        }
+        send_bytes(request, json.dumps(body).encode(), "application/json")
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    "paging",
+    [{"next_cursor": "meta.cursor", "cursor_param": "after"}, {"next_url": "meta.next"}],
+    ids=["cursor", "next_url"],
+)
+def test_pages_named_by_each_answer_until_there_is_none(paging):
+    with TestServer() as server:
+        server.add("/feed", feed_handler(pages=3))
+        options = HttpJsonOptions(
+            url=server.url("/feed"),
+            params={"key": "k"},
+            items="items",
+            link="url",
+            pages=10,
+            **paging,
+        )
+        links = [item.url for item in HttpJson("feed", options, JobContext("t", "/x")).iter_items()]
+        assert links == [f"http://h/{page}-{n}.jpg" for page in range(3) for n in range(2)]
+        assert server.hits["/feed"] == 3  # the last page names no next one
+
+
+def test_a_next_url_on_another_host_is_not_followed():
+    def handle(request) -> None:
+        body = {"items": [{"url": "http://h/a.jpg"}], "next": "http://elsewhere.test/feed?p=2"}
+        send_bytes(request, json.dumps(body).encode(), "application/json")
+
+    with TestServer() as server:
+        server.add("/feed", handle)
+        options = HttpJsonOptions(
+            url=server.url("/feed"),
+            headers={"Authorization": "Bearer tok-7f3a"},
+            items="items",
+            link="url",
+            pages=5,
+            next_url="next",
+        )
+        stage = HttpJson("feed", options, JobContext("t", "/x"))
+        with pytest.raises(RunIncompleteError, match=r"elsewhere\.test/feed, not on") as caught:
+            list(stage.iter_items())
+        assert "tok-7f3a" not in str(caught.value) and "p=2" not in str(caught.value)

@@ -5,10 +5,13 @@ the config's `${VAR}` interpolation (`Authorization: "Client-ID ${IMGUR_CLIENT_I
 `items` is a dotted path to the list of elements (`data`, `data.*.images`: `*` walks
 every element of a list), `link` the path of the URL inside each element, `where`
 keeps elements whose field has one of the listed values, and `fields` carries
-element values (id, title) into the record. Pagination: `{page}` in the URL or a
-`page_param`, from `start_page`, for at most `pages` pages, stopping at the first
-page with no elements. A failed request stops the run: without the list there is
-nothing to do. Messages never show headers or query strings (they hold secrets).
+element values (id, title) into the record. Pagination, for at most `pages` pages,
+stopping at the first page with no elements: page numbers (`{page}` in the URL or a
+`page_param`, from `start_page`), or what each answer names for the next page: a
+cursor (`next_cursor`, sent back as `cursor_param`) or a URL (`next_url`, followed
+only on the same scheme, host and port, since it gets the same headers). A failed
+request stops the run: without the list there is nothing to do. Messages never show
+headers or query strings (they hold secrets).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -42,6 +45,13 @@ class HttpJsonOptions(Options):
     pages: PositiveInt = Field(1, description="Pages to fetch at most")
     start_page: NonNegativeInt = Field(0, description="First page number")
     page_param: str | None = Field(None, description="Query parameter carrying the page number")
+    next_cursor: str | None = Field(
+        None, description="Dotted path of the next page's cursor in each answer"
+    )
+    cursor_param: str = Field("cursor", description="Query parameter carrying the cursor")
+    next_url: str | None = Field(
+        None, description="Dotted path of the next page's URL in each answer (same host only)"
+    )
     timeout: PositiveFloat = Field(30.0, description="Seconds per request")
     retries: NonNegativeInt = Field(3, description="Retries on connection errors, 429 and 5xx")
 
@@ -90,8 +100,8 @@ class HttpJson(Source):
     def iter_items(self) -> Iterator[SourceItem]:
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         index = 0
-        for page in range(options.start_page, options.start_page + options.pages):
-            found = elements(self.fetch(page), options.items)
+        for document in self.documents():
+            found = elements(document, options.items)
             if not found:
                 return
             for element in found:
@@ -100,16 +110,43 @@ class HttpJson(Source):
                     index += 1
                     yield SourceItem(index, link, {f: at(element, f) for f in options.fields})
 
+    def documents(self) -> Iterator[Any]:
+        """Each page's JSON answer, in order, while there is a next page to ask for."""
+        options: HttpJsonOptions = self.options  # type: ignore[assignment]
+        url, params = options.url, dict(options.params)
+        for page in range(options.start_page, options.start_page + options.pages):
+            if options.page_param:
+                params[options.page_param] = page
+            document = self.fetch(url.replace("{page}", str(page)), params)
+            yield document
+            if options.next_cursor:
+                cursor = at(document, options.next_cursor)
+                if cursor in (None, ""):
+                    return
+                params[options.cursor_param] = str(cursor)
+            if options.next_url:
+                following = at(document, options.next_url)
+                if not isinstance(following, str) or not following:
+                    return
+                url, params = self.same_origin(url, following), {}
+
     def wanted(self, element: dict[str, Any]) -> bool:
         where = self.options.where  # type: ignore[attr-defined]
         return all(at(element, field) in values for field, values in where.items())
 
-    def fetch(self, page: int) -> Any:
+    def same_origin(self, current: str, following: str) -> str:
+        """The next page's URL, resolved against the current one; RunIncompleteError if
+        it leaves the current scheme, host and port (it would get the same headers)."""
+        resolved = urljoin(current, following)
+        if urlsplit(resolved)[:2] != urlsplit(current)[:2]:
+            raise RunIncompleteError(
+                f"{self.name}: the next page is on {_where(resolved)}, not on "
+                f"{_where(current)}: not followed (the request headers may hold secrets)"
+            )
+        return resolved
+
+    def fetch(self, url: str, params: dict[str, Any]) -> Any:
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
-        url = options.url.replace("{page}", str(page))
-        params = dict(options.params)
-        if options.page_param:
-            params[options.page_param] = page
         retry = urllib3.Retry(
             total=options.retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)
         )
