@@ -94,3 +94,43 @@ def test_files_source_lists_an_s3_prefix(s3):
     assert urls == [f"s3://pipeline-test/tree/{name}" for name in names]
     literal = FilesOptions(path="s3://pipeline-test/tree/b[1].png")
     assert [i.url for i in Files("f", literal, JobContext("t", "/x")).iter_items()] == [urls[1]]
+
+
+def test_s3_settings_from_fsspec_config_instead_of_aws_variables(s3, tmp_path, image_server):
+    """fsspec's own configuration (FSSPEC_S3 as JSON) sets the endpoint and the keys."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    lines = [image_server.url(f"/img/{n}.jpg") for n in range(3)]
+    s3.pipe("pipeline-test/fsspec-conf/urls.txt", ("\n".join(lines) + "\n").encode())
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"name: conf\noutput: {tmp_path / 'out'}\nstages:\n"
+        "  urls: {kind: url_list, path: 's3://pipeline-test/fsspec-conf/urls.txt'}\n"
+        "  get: {kind: download, input: urls, allow_hosts: [127.0.0.1]}\n"
+        "  decode: {kind: decode, input: get}\n"
+        "  thumbs: {kind: thumbnail, input: decode, size: [32, 32]}\n"
+        "  write: {kind: write_images, input: thumbs, path: 's3://pipeline-test/fsspec-conf/out'}\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env["FSSPEC_S3"] = json.dumps(
+        {
+            "endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(config), "-q"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(s3.ls("pipeline-test/fsspec-conf/out")) == 3

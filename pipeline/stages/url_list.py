@@ -50,7 +50,12 @@ class UrlListOptions(Options):
     def _exists(cls, path: str) -> str:
         fs, local = filesystem(path)
         if not fs.isfile(local):
-            raise ValueError(f"no such file: {path} (paths are relative to the current folder)")
+            hint = (
+                "check the URL, and the filesystem's credentials and endpoint"
+                if "://" in path
+                else "paths are relative to the current folder"
+            )
+            raise ValueError(f"no such file: {path} ({hint})")
         return path
 
 
