@@ -187,6 +187,10 @@ def add_hostile_routes(server: TestServer, internal: TestServer) -> None:
     many = b"".join(b"X-Junk-%d: %d\r\n" % (n, n) for n in range(1000))
     add("/many-headers", misbehave.raw(b"HTTP/1.1 200 OK\r\n" + many + b"\r\n"))
     add("/liar", misbehave.short_body(b"x", missing=10**12))
+    # A small Content-Length beside chunked framing, which takes precedence: 3 MB follow.
+    chunks = b"".join(b"%x\r\n%s\r\n" % (65536, bytes(65536)) for _ in range(46)) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+    add("/chunked-liar", misbehave.raw(head + chunks))
     add("/big", lambda request: send_bytes(request, bytes(3_000_000), "image/jpeg"))
     robots = {"X-Robots-Tag": "otherbot: noindex, googlebot: noimageai"}
     add("/noai.jpg", lambda request: send_bytes(request, IMAGE, "image/jpeg", 200, robots))

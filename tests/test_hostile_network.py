@@ -212,6 +212,11 @@ def test_declared_length_over_cap_refused_before_reading(hostile):
     assert failed(record) == "too_large" and "Content-Length" in record["message"]
 
 
+def test_chunked_body_with_a_small_content_length_is_still_capped(hostile):
+    record, _ = download(hostile.url("/chunked-liar"), hostile, max_bytes=1_000_000)
+    assert failed(record) == "too_large"
+
+
 def test_endless_body_stops_at_the_cap(hostile):
     started = time.monotonic()
     record, _ = download(hostile.url("/endless"), hostile, max_bytes=2_000_000, timeout=5)
