@@ -5,7 +5,7 @@ one byte per second never trips them. A `Deadline` is entered around an
 attempt; connections register their sockets with the current deadline, and
 one watchdog thread per process shuts those sockets down when it expires, so
 the blocked read returns at once and the attempt fails as a timeout. A DNS
-lookup has no socket to cut: `within_deadline` runs it in a helper thread and
+lookup has no socket to cut: `within_deadline` runs it in a thread of its own and
 stops waiting for it when the deadline expires.
 """
 
@@ -19,12 +19,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
-HELPER_THREADS = 16  # lookups that may hang at once, per process; more wait their turn
 
 _current = threading.local()
 
@@ -82,37 +79,30 @@ def within_deadline(call: Callable[[], T], what: str) -> T:
     """`call()`, waited for only until this thread's deadline; TimeoutError after it.
 
     For blocking calls that no socket shutdown can cut short (the resolver's
-    `getaddrinfo`). A call left behind finishes in its helper thread, unwaited.
+    `getaddrinfo`). The call runs in a daemon thread of its own, so a lookup that
+    hangs delays no other lookup and no exit; left behind, it ends unwaited.
     """
     deadline: Deadline | None = getattr(_current, "deadline", None)
     if deadline is None:
         return call()
-    future = HELPERS.pool().submit(call)
-    try:
-        return future.result(timeout=max(0.0, deadline.remaining()))
-    except FutureTimeout:
-        raise TimeoutError(f"{what} took longer than the attempt's time limit") from None
+    outcome: list[tuple[bool, Any]] = []
+    finished = threading.Event()
 
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append((False, exc))
+        finally:
+            finished.set()
 
-class Helpers:
-    """The helper threads of this process, started on first use (and anew after a fork)."""
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="lookup")
-            return self._pool
-
-
-HELPERS = Helpers()
-os.register_at_fork(after_in_child=HELPERS._reset)
+    threading.Thread(target=run, name="lookup", daemon=True).start()
+    if not finished.wait(max(0.0, deadline.remaining())):
+        raise TimeoutError(f"{what} took longer than the attempt's time limit")
+    succeeded, value = outcome[0]
+    if succeeded:
+        return value
+    raise value
 
 
 def _shut(sock: socket.socket) -> None:
