@@ -10,10 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from pipeline.errors import RunIncompleteError
+from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.execution.runner import RunRequest, run
 from pipeline.stages.base import JobContext
 from pipeline.stages.http_json import HttpJson, HttpJsonOptions
+from pipeline.testing import server as misbehave
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes
 from pipeline.testing.server import TestServer, send_bytes
 from tests.conftest import REPO
@@ -215,3 +216,39 @@ def test_a_next_url_on_another_host_is_not_followed():
         with pytest.raises(RunIncompleteError, match=r"elsewhere\.test/feed, not on") as caught:
             list(stage.iter_items())
         assert "tok-7f3a" not in str(caught.value) and "p=2" not in str(caught.value)
+
+
+def test_a_redirect_to_another_host_carries_none_of_the_configured_headers():
+    seen: dict[str, str | None] = {}
+
+    def elsewhere(request) -> None:
+        seen["key"] = request.headers.get("X-Api-Key")
+        body = {"items": [{"url": "http://h/a.jpg"}]}
+        send_bytes(request, json.dumps(body).encode(), "application/json")
+
+    with TestServer() as api, TestServer() as other:
+        other.add("/feed", elsewhere)
+        api.add("/feed", misbehave.redirect(other.url("/feed")))
+        options = HttpJsonOptions(
+            url=api.url("/feed"), headers={"X-Api-Key": "k-123"}, items="items", link="url"
+        )
+        links = [item.url for item in HttpJson("f", options, JobContext("t", "/x")).iter_items()]
+    assert links == ["http://h/a.jpg"] and seen == {"key": None}
+
+
+def test_two_ways_to_page_is_a_config_error(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "name: j\nstages:\n"
+        "  feed: {kind: http_json, url: 'http://h/f', next_url: a.next, next_cursor: a.c}\n"
+        "  get: {kind: download, input: feed}\n"
+        "  write: {kind: write_images, input: get, path: out}\n"
+    )
+    with pytest.raises(ConfigError, match=r"job\.yaml:3.*next_url and next_cursor"):
+        run(RunRequest(config=config))
+
+
+def test_messages_show_no_credentials_of_the_url():
+    from pipeline.stages.http_json import _where
+
+    assert _where("https://user:pw@h.example:8443/a/b?k=1") == "https://h.example:8443/a/b"

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import RunIncompleteError
@@ -50,8 +50,18 @@ class HttpJsonOptions(Options):
     )
     cursor_param: str = Field("cursor", description="Query parameter carrying the cursor")
     next_url: str | None = Field(
-        None, description="Dotted path of the next page's URL in each answer (same host only)"
+        None,
+        description="Dotted path of the next page's URL in each answer, used as given "
+        "(same host only)",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_page(self) -> HttpJsonOptions:
+        if self.next_url and (self.next_cursor or self.page_param):
+            other = "next_cursor" if self.next_cursor else "page_param"
+            raise ValueError(f"next_url and {other} are two ways to page: keep one")
+        return self
+
     timeout: PositiveFloat = Field(30.0, description="Seconds per request")
     retries: NonNegativeInt = Field(3, description="Retries on connection errors, 429 and 5xx")
 
@@ -85,9 +95,9 @@ def elements(document: Any, path: str) -> list[Any]:
 
 
 def _where(url: str) -> str:
-    """The URL without its query string: safe to print."""
+    """The URL without credentials or query string: safe to print."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 @register("http_json")
@@ -148,7 +158,14 @@ class HttpJson(Source):
     def fetch(self, url: str, params: dict[str, Any]) -> Any:
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         retry = urllib3.Retry(
-            total=options.retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)
+            total=options.retries,
+            backoff_factor=0.5,
+            status_forcelist=(429, 500, 502, 503, 504),
+            # a redirect to another host gets none of the configured headers (secrets)
+            remove_headers_on_redirect=[
+                *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
+                *options.headers,
+            ],
         )
         try:
             response = urllib3.request(
