@@ -244,3 +244,52 @@ def test_a_worker_without_the_package_gets_it_shipped(
         assert message.count("worker tcp://") == 1
     finally:
         bare.stop()
+
+
+LOCAL_WORKER_ENVIRON = """
+import json, os
+from pipeline.config import BackendConfig
+from pipeline.execution.backends import DistributedBackend
+
+if __name__ == "__main__":
+    backend = DistributedBackend(BackendConfig(kind="distributed", workers=2))
+    with backend:
+        names = ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+
+        def started_with():
+            # what the process started with (read by malloc and BLAS at start), not the
+            # os.environ that distributed also updates in the worker, too late for them
+            entries = open("/proc/self/environ", "rb").read().decode().split("\\0")
+            environ = dict(entry.split("=", 1) for entry in entries if "=" in entry)
+            return [environ.get(name) for name in names]
+
+        print(json.dumps(sorted(backend.client.run(started_with).values())))
+"""
+
+
+def test_local_cluster_workers_fork_with_distributed_s_pre_spawn_environment(tmp_path):
+    """Forked workers start with the forkserver's environment: it must hold what
+    distributed sets before spawning a worker (one BLAS thread, malloc trimming)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "environ.py"
+    script.write_text(LOCAL_WORKER_ENVIRON)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    }
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [["1", "65536"], ["1", "65536"]]
