@@ -25,6 +25,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -48,6 +49,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.server.connections.discard(self)
 
 
 class StaticServer:
@@ -56,6 +58,7 @@ class StaticServer:
     def __init__(self, latency: float = 0.0):
         self.latency = latency
         self.responses: dict[str, tuple[bytes, bytes]] = {}
+        self.connections: set[_Connection] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server = self._loop.run_until_complete(
@@ -79,6 +82,14 @@ class StaticServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._close)
         self._thread.join(timeout=5)
+        self._loop.close()
+
+    def _close(self) -> None:
+        """In the loop: stop listening, close every connection, then stop the loop."""
+        self._server.close()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        self._loop.call_soon(self._loop.stop)  # after the connections' close callbacks

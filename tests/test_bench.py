@@ -71,6 +71,7 @@ def test_the_bench_server_serves_bytes_with_keep_alive_and_latency():
         assert response.getheader("Content-Length") == "80000"
         connection.request("GET", "/img/missing.jpg")
         assert connection.getresponse().status == 404
+    assert server.connections == set()  # closed with the server
 
 
 def test_best_rounds_keeps_the_fastest_round_of_each_row():

@@ -66,8 +66,8 @@ class Download(Step):
     def stream(self, items: Iterable[Item]) -> Iterator[Item]:
         """Keep `concurrency` downloads in flight; yield results in input order."""
         options: DownloadOptions = self.options  # type: ignore[assignment]
-        pool = _download_threads(options.concurrency, options.per_host)
         concurrency = options.concurrency
+        pool = _download_threads(concurrency, options.per_host)
         window: deque[Future[Item | None]] = deque()
         for item in items:
             window.append(pool.submit(self.run_one, item))
@@ -90,8 +90,8 @@ def _download_threads(concurrency: int, per_host: int) -> ThreadPoolExecutor:
     Starting `concurrency` threads for every partition cost ~11 ms of wall time per
     partition under load (bench). One pool per task thread, not per process, keeps
     exactly `concurrency` requests per partition and no more threads than that.
-    The pool's threads share one `per_host` limit: a limit per worker, whether the
-    backend's workers are threads of one process or processes.
+    The pool's threads share one `per_host` limit: a limit per running partition,
+    whether the backend runs partitions in threads of one process or in processes.
     """
     pools: dict[tuple[int, int], ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
     if (concurrency, per_host) not in pools:

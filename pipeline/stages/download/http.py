@@ -126,8 +126,9 @@ def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
 class HostSlots:
     """At most `limit` requests in flight per host; idle hosts take no memory.
 
-    A fetcher has one for the whole process; a worker's download threads share their
-    own instead (`use_host_slots`), so the limit holds per worker on every backend.
+    A fetcher has one for the whole process (callers outside a partition's download
+    threads use it); a partition's download threads share their own instead
+    (`use_host_slots`), so the limit holds per running partition on every backend.
     """
 
     def __init__(self, limit: int):

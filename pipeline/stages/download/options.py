@@ -11,7 +11,9 @@ from pipeline.stages.download.policy import AllowEntry
 class DownloadOptions(Options):
     concurrency: PositiveInt = Field(16, description="Requests in flight per partition")
     per_host: PositiveInt = Field(
-        16, description="Requests in flight per host, per worker; lower it for small servers"
+        16,
+        description="Requests in flight per host, per running partition; lower it for small "
+        "servers (a host gets up to this times the partitions running at once)",
     )
     timeout: PositiveFloat = Field(
         10.0, description="Total seconds per attempt (DNS lookups, redirects, headers and body)"
