@@ -312,20 +312,28 @@ def test_x_robots_tag_noimageai(hostile):
     assert record["status"] == "ok"
 
 
-def test_user_agent_and_per_host_limit(hostile):
-    seen: list[str] = []
-    active, peak, lock = [0], [0], threading.Lock()
+class SlowImage:
+    """A handler that takes 0.15 s per answer and records the most requests at once
+    and each request's User-Agent."""
 
-    def slow_image(request):
-        with lock:
-            seen.append(request.headers["User-Agent"])
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
+    def __init__(self) -> None:
+        self.active = self.peak = 0
+        self.user_agents: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, request) -> None:
+        with self._lock:
+            self.user_agents.append(request.headers["User-Agent"])
+            self.active += 1
+            self.peak = max(self.peak, self.active)
         time.sleep(0.15)
-        with lock:
-            active[0] -= 1
+        with self._lock:
+            self.active -= 1
         send_bytes(request, IMAGE, "image/jpeg")
 
+
+def test_user_agent_and_per_host_limit(hostile):
+    slow_image = SlowImage()
     hostile.add("/slow.jpg", slow_image)
     options = {**FAST, "allow_hosts": [f"127.0.0.1:{hostile.port}"], "concurrency": 8}
     options.update(per_host=2, user_agent="test-bot/1.0 (+mailto:ops@example.invalid)")
@@ -335,8 +343,8 @@ def test_user_agent_and_per_host_limit(hostile):
     ]
     results = list(stage.stream(items))
     assert len(results) == 8 and all(item.data == IMAGE for item in results)
-    assert peak[0] <= 2
-    assert set(seen) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
+    assert slow_image.peak <= 2
+    assert set(slow_image.user_agents) == {"test-bot/1.0 (+mailto:ops@example.invalid)"}
 
 
 def test_a_hanging_dns_lookup_is_cut_by_the_deadline(hostile, monkeypatch):
@@ -363,19 +371,9 @@ def test_a_hanging_dns_lookup_is_cut_by_the_deadline(hostile, monkeypatch):
     assert time.monotonic() - started < 2
 
 
-def test_per_host_limits_each_worker_not_the_whole_process(hostile):
+def test_per_host_limits_each_partition_not_the_whole_process(hostile):
     """Two partitions on two task threads of one process: each has its own 2 slots."""
-    active, peak, lock = [0], [0], threading.Lock()
-
-    def slow_image(request):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.15)
-        with lock:
-            active[0] -= 1
-        send_bytes(request, IMAGE, "image/jpeg")
-
+    slow_image = SlowImage()
     hostile.add("/slow-shared.jpg", slow_image)
     options = {**FAST, "allow_hosts": [f"127.0.0.1:{hostile.port}"], "concurrency": 8}
     stage = Download("download", DownloadOptions(**options, per_host=2), JobContext("h", "."))
@@ -388,7 +386,7 @@ def test_per_host_limits_each_worker_not_the_whole_process(hostile):
     with ThreadPoolExecutor(2) as workers:
         results = [item for part in workers.map(partition, (0, 6)) for item in part]
     assert len(results) == 12 and all(item.data == IMAGE for item in results)
-    assert peak[0] == 4  # 2 per worker, both workers at once
+    assert slow_image.peak == 4  # 2 per partition, both partitions at once
 
 
 # The whole pipeline on a hostile URL list, in a subprocess that reports its peak memory.
