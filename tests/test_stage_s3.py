@@ -99,10 +99,8 @@ def test_files_source_lists_an_s3_prefix(s3):
 def test_s3_settings_from_fsspec_config_instead_of_aws_variables(s3, tmp_path, image_server):
     """fsspec's own configuration (FSSPEC_S3 as JSON) sets the endpoint and the keys."""
     import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
+    from tests.test_cli import cli
 
     lines = [image_server.url(f"/img/{n}.jpg") for n in range(3)]
     s3.pipe("pipeline-test/fsspec-conf/urls.txt", ("\n".join(lines) + "\n").encode())
@@ -124,13 +122,6 @@ def test_s3_settings_from_fsspec_config_instead_of_aws_variables(s3, tmp_path, i
             "client_kwargs": {"region_name": "us-east-1"},
         }
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(config), "-q"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = cli("run", str(config), "-q", env=env)
     assert result.returncode == 0, result.stderr
     assert len(s3.ls("pipeline-test/fsspec-conf/out")) == 3
