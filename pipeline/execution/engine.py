@@ -88,9 +88,7 @@ def _task_error(exc: Exception) -> ItemError:
 
 def failed_records(partition: Partition, error: ItemError) -> list[Record]:
     """One failed record per item, for a partition whose task itself failed."""
-    records = []
-    for source_item in partition.items:
-        item = Item(source_item.new_record(), None)
-        item.fail("task", error)
-        records.append(item.record)
+    records = partition.new_records()
+    for record in records:
+        Item(record, None).fail("task", error)
     return records

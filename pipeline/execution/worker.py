@@ -66,7 +66,7 @@ def run_partition(plan: Plan, partition: Partition) -> list[Record]:
 
 def _run(compiled_plan: CompiledPlan, partition: Partition) -> list[Record]:
     bound = {name: step.for_partition(partition) for name, step in compiled_plan.steps.items()}
-    records = [item.new_record() for item in partition.items]
+    records = partition.new_records()
     wanted = {}
     if partition.sinks is not None:
         wanted = dict(zip((r["key"] for r in records), partition.sinks, strict=True))
@@ -93,6 +93,8 @@ class _Router:
     wanted: dict[str, frozenset[str]]  # item key -> sinks to run; a key not here: all
 
     def wants(self, stage: str, record: Record) -> bool:
+        if record["status"] == "failed":  # an unusable entry: no stage runs on it
+            return False
         sinks = self.wanted.get(record["key"])
         return sinks is None or not sinks.isdisjoint(self.plan.sinks_below[stage])
 

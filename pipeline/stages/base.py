@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,23 +36,60 @@ def item_key(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
+# A record keeps at most this much of an entry's original text (`input`).
+MAX_INPUT_CHARS = 4096
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates (bytes that were not UTF-8, read with surrogateescape,
+    or a JSON `\\udXXX`) shown as backslash escapes: safe for JSON, SQLite and parquet."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def entry_text(text: str) -> str:
+    """An entry's original text as a record keeps it: clean, and at most MAX_INPUT_CHARS."""
+    if len(text) > MAX_INPUT_CHARS:
+        text = f"{text[:MAX_INPUT_CHARS]}... ({len(text) - MAX_INPUT_CHARS} more characters)"
+    return clean_text(text)
+
+
 @dataclass(frozen=True)
 class SourceItem:
-    """One input line: small and picklable, made on the client."""
+    """One input entry (a list's line or row): small and picklable, made on the client.
+
+    `index` is the entry's line (or row) number, `input` its original text when that is
+    not the `url`. An entry that cannot be used (a malformed URL, a corrupt JSON line, an
+    empty cell) is still an item, with the `problem` (reason, message) its record fails
+    with: every entry gets exactly one record, and no stage runs on a failed one.
+    """
 
     index: int
     url: str
     fields: dict[str, Any] = field(default_factory=dict)
+    input: str | None = None
+    problem: tuple[str, str] | None = None
+
+    @classmethod
+    def invalid(cls, index: int, text: str, reason: str, message: str) -> SourceItem:
+        """The item of an unusable entry: keyed and shown by its text."""
+        shown = entry_text(text)
+        return cls(index, shown, input=shown, problem=(reason, message[:500]))
 
     @property
     def key(self) -> str:
         return item_key(self.url)
 
-    def new_record(self) -> Record:
+    def new_record(self, source: str = "source") -> Record:
+        """A fresh record; an unusable entry's says it failed at `source`, and why."""
         record: Record = {
             "key": self.key,
             "index": self.index,
             "url": self.url,
+            "input": self.url if self.input is None else self.input,
             "status": "ok",
             "stage": None,
             "reason": None,
@@ -62,7 +99,22 @@ class SourceItem:
         }
         if self.fields:
             record["fields"] = dict(self.fields)
+        if self.problem is not None:
+            reason, message = self.problem
+            record.update(status="failed", stage=source, reason=reason, message=message)
         return record
+
+
+def guarded_item(index: int, text: str, build: Callable[[], SourceItem]) -> SourceItem:
+    """`build()`, or, if it raises, the unusable entry's item: a bad entry never stops a
+    batch (an ItemError keeps its reason; anything else is `invalid_input`)."""
+    try:
+        return build()
+    except ItemError as error:
+        return SourceItem.invalid(index, text, error.reason, error.message)
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        return SourceItem.invalid(index, text, "invalid_input", message)
 
 
 @dataclass(frozen=True)
@@ -73,6 +125,10 @@ class Partition:
     source: str
     items: tuple[SourceItem, ...]
     sinks: tuple[frozenset[str], ...] | None = None  # per item, the sinks to run; None: all
+
+    def new_records(self) -> list[Record]:
+        """One fresh record per item, in order."""
+        return [item.new_record(self.source) for item in self.items]
 
 
 @dataclass(frozen=True)

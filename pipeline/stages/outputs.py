@@ -55,6 +55,7 @@ _RUN_KEYS = (
     "sink_outputs",
     "timings",
     "attempts",
+    "input",
 )
 
 

@@ -147,7 +147,7 @@ class Incremental:
             else:
                 decision = plan_item(self.manifest.lookup(item.key), fingerprints, self.policy)
             if isinstance(decision, Skip):
-                skipped.append(_skipped_record(item, decision))
+                skipped.append(_skipped_record(item, part.source, decision))
             else:
                 work.append((item, decision))
         if skipped:
@@ -155,7 +155,9 @@ class Incremental:
         return work
 
 
-def _skipped_record(item: SourceItem, skip: Skip) -> Record:
-    record = item.new_record()
-    record.update(status="skipped", reason=skip.reason, message=skip.message, outputs=skip.outputs)
+def _skipped_record(item: SourceItem, source: str, skip: Skip) -> Record:
+    record = item.new_record(source)
+    record.update(
+        status="skipped", stage=None, reason=skip.reason, message=skip.message, outputs=skip.outputs
+    )
     return record
