@@ -67,7 +67,8 @@ class ItemError(Exception):
 
 # The documented taxonomy of `reason` codes in result records.
 REASONS: dict[str, str] = {
-    "empty": "the input had no bytes",
+    "empty": "the input had no bytes, or the list entry's URL cell was empty or null",
+    "invalid_input": "the list entry cannot be read (corrupt JSON, not UTF-8, an overlong line)",
     "not_an_image": "the bytes are not an image (e.g. HTML)",
     "unsupported_format": "an image format outside the allow-list",
     "corrupt": "the image data is damaged",
@@ -84,7 +85,7 @@ REASONS: dict[str, str] = {
     "too_many_redirects": "too many redirects, or a redirect loop",
     "blocked_address": "the address is not allowed (loopback, private, ...)",
     "blocked_scheme": "the URL scheme is not allowed",
-    "invalid_url": "the URL cannot be parsed",
+    "invalid_url": "the URL (or path) cannot be parsed",
     "disallowed": "the server asked not to use the image (X-Robots-Tag)",
     "not_regular_file": "a local input is a directory, FIFO, device or dangling link",
     "not_found": "the file or URL does not exist",

@@ -204,6 +204,10 @@ class Source(Stage):
         """How many items `iter_items` yields, if that is cheap to know (for ETAs)."""
         return None
 
+    def entry(self, index: int, text: str, build: Callable[[], SourceItem]) -> SourceItem:
+        """The item of one entry: `build()`, or the unusable entry's item if it raises."""
+        return guarded_item(index, text, build)
+
 
 class Step(Stage):
     """Turns one item into another inside a task."""
