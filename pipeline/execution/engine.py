@@ -4,21 +4,41 @@ The client reads source items lazily, groups them into partitions, and keeps
 at most `backend.max_in_flight` partitions submitted; as each finishes, its
 records are handed to `on_records` and another partition is submitted. So
 the graph and the client's memory stay small however long the input is.
+
+When a worker process dies (a native decoder crash, the OOM killer), its process
+pool breaks, and every partition in flight fails with it, guilty or not. On a
+backend that can replace its executor (`Backend.can_restart`: processes), each of
+those partitions is a suspect: on a fresh pool, each runs alone, and one that
+finishes is innocent (its records count as usual). A suspect that breaks the pool
+alone is split into one-item partitions, each run alone; only an item that breaks
+it alone is recorded failed (stage `task`, reason `worker_lost`). Then the stream
+goes on, with its window of partitions in flight again. Elsewhere a broken
+executor's partitions are recorded `worker_lost` and the run stops at the next
+submit; distributed re-runs a dead worker's tasks itself (KilledWorker if it
+keeps dying).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
+from dataclasses import replace
 from itertools import chain
 
 from pipeline.errors import ItemError, PipelineError
 from pipeline.execution.backends import Backend
 from pipeline.execution.worker import run_partition
+from pipeline.logs import logger
 from pipeline.plan import Plan, partitions
 from pipeline.stages.base import Item, Partition, Record
 
 OnRecords = Callable[[list[Record]], None]
+
+log = logger("engine")
+
+KILLED_ITS_WORKER = ItemError(
+    "worker_lost", "its worker process died while it ran alone (a crash, or out of memory)"
+)
 
 
 def plan_partitions(plan: Plan) -> Iterator[Partition]:
@@ -42,40 +62,128 @@ def execute(
     `after(executor)` while the backend is still up (batch-level reductions)."""
     with backend as executor:
         backend.prepare(plan)
-        in_flight: dict[Future[list[Record]], Partition] = {}
+        stream = _Stream(plan, backend, executor, on_records)
         try:
-            for partition in parts:
-                if len(in_flight) >= backend.max_in_flight:
-                    _collect(in_flight, on_records)
-                in_flight[_submit(executor, backend, plan, partition)] = partition
-            while in_flight:
-                _collect(in_flight, on_records)
+            stream.run(parts)
         except BaseException:
-            for future in in_flight:  # the run stops: queued partitions never start
-                future.cancel()
+            stream.cancel()  # the run stops: queued partitions never start
             raise
         if after is not None:
-            after(executor)
+            after(stream.executor)  # a fresh one if a worker's death broke the first
 
 
-def _submit(
-    executor: Executor, backend: Backend, plan: Plan, partition: Partition
-) -> Future[list[Record]]:
-    return executor.submit(run_partition, plan, partition, **backend.task_options(partition))
+class _Stream:
+    """The partitions in flight on a backend's executor, which a dead worker may break."""
 
+    def __init__(self, plan: Plan, backend: Backend, executor: Executor, on_records: OnRecords):
+        self.plan = plan
+        self.backend = backend
+        self.executor = executor
+        self.on_records = on_records
+        self.in_flight: dict[Future[list[Record]], Partition] = {}
 
-def _collect(in_flight: dict[Future[list[Record]], Partition], on_records: OnRecords) -> None:
-    """Wait for at least one partition; hand over the records of all that finished."""
-    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-    for future in done:
-        partition = in_flight.pop(future)
+    def run(self, parts: Iterable[Partition]) -> None:
+        for partition in parts:
+            if len(self.in_flight) >= self.backend.max_in_flight:
+                self._collect()
+            self._submit(partition)
+        while self.in_flight:
+            self._collect()
+
+    def cancel(self) -> None:
+        for future in self.in_flight:
+            future.cancel()
+
+    def _submit(self, partition: Partition) -> None:
         try:
-            records = future.result()
-        except PipelineError:  # fatal for the run: stop, and record nothing for this partition
-            raise
-        except Exception as exc:
-            records = failed_records(partition, _task_error(exc))
-        on_records(records)
+            self.in_flight[self._start(partition)] = partition
+        except BrokenExecutor:  # broken by a partition in flight, or a worker died idle
+            if not self.backend.can_restart:
+                raise
+            self._recover([partition])
+
+    def _start(self, partition: Partition) -> Future[list[Record]]:
+        options = self.backend.task_options(partition)
+        return self.executor.submit(run_partition, self.plan, partition, **options)
+
+    def _collect(self) -> None:
+        """Wait for at least one partition; hand over the records of all that finished."""
+        done, _ = wait(self.in_flight, return_when=FIRST_COMPLETED)
+        suspects = self._settle(done)
+        if suspects:
+            self._recover(suspects)
+
+    def _settle(self, done: Iterable[Future[list[Record]]]) -> list[Partition]:
+        """Hand over the records of the `done` partitions; return those a broken pool failed."""
+        suspects = []
+        for future in done:
+            partition = self.in_flight.pop(future)
+            records = _outcome(future, partition, self.backend)
+            if records is None:
+                suspects.append(partition)
+            else:
+                self.on_records(records)
+        return suspects
+
+    def _recover(self, suspects: list[Partition]) -> None:
+        """A worker died and broke the pool, failing every partition in flight at once:
+        settle them all, take a fresh pool, and run each suspect alone."""
+        done, _ = wait(self.in_flight)
+        suspects += self._settle(done)
+        log.warning("a worker died: re-running alone the %d partition(s) in flight", len(suspects))
+        self._restart()
+        for partition in suspects:
+            self._isolate(partition)
+
+    def _isolate(self, partition: Partition) -> None:
+        """Run a suspect alone; if it breaks the pool, split it down to the items that do."""
+        records = self._alone(partition)
+        if records is not None:
+            self.on_records(records)
+        elif len(partition.items) > 1:
+            for single in one_item_partitions(partition):
+                self._isolate(single)
+        else:
+            log.warning("%s kills its worker: recorded worker_lost", partition.items[0].url)
+            self.on_records(failed_records(partition, KILLED_ITS_WORKER))
+
+    def _alone(self, partition: Partition) -> list[Record] | None:
+        """`partition`'s records, run with nothing else in flight; None if it broke the
+        pool (then replaced)."""
+        try:
+            future = self._start(partition)
+        except BrokenExecutor:  # a worker died idle, killed from outside: not this one's doing
+            self._restart()
+            future = self._start(partition)
+        records = _outcome(future, partition, self.backend)
+        if records is None:
+            self._restart()
+        return records
+
+    def _restart(self) -> None:
+        self.executor = self.backend.restart()
+
+
+def _outcome(
+    future: Future[list[Record]], partition: Partition, backend: Backend
+) -> list[Record] | None:
+    """A finished task's records (a task that raised: a failed record per item), or None
+    if a broken pool failed it and `backend` can replace the pool."""
+    try:
+        return future.result()
+    except PipelineError:  # fatal for the run: stop, and record nothing for this partition
+        raise
+    except BrokenExecutor as exc:
+        return None if backend.can_restart else failed_records(partition, _task_error(exc))
+    except Exception as exc:
+        return failed_records(partition, _task_error(exc))
+
+
+def one_item_partitions(partition: Partition) -> Iterator[Partition]:
+    """`partition` split into partitions of one item, each with its own sinks to run."""
+    for position, item in enumerate(partition.items):
+        sinks = None if partition.sinks is None else (partition.sinks[position],)
+        yield replace(partition, items=(item,), sinks=sinks)
 
 
 def _task_error(exc: Exception) -> ItemError:
