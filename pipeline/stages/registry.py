@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from typing import TypeVar
@@ -49,4 +50,6 @@ def _load_all() -> None:
         return
     for name in stage_modules():
         importlib.import_module(name)
+    if os.environ.get("PIPELINE_FAULTS"):  # tests only: make chosen kinds raise on chosen items
+        importlib.import_module("pipeline.testing.faults").activate()
     _loaded = True
