@@ -120,21 +120,23 @@ def pool_workers(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_worker_then_rerun_completes(write_config, slow_urls, clean_outputs, tmp_path):
+def test_kill_9_of_a_worker_then_the_run_completes(
+    write_config, slow_urls, clean_outputs, tmp_path
+):
+    """The pool is rebuilt and the partitions caught in the crash re-run alone."""
     out = tmp_path / "out"
     config = write_config(JOB.format(out=out, urls=slow_urls).replace("threads", "processes"))
     process = start_run(config)
     wait_for(lambda: manifest_items(out) >= 3 and pool_workers(process.pid))
     os.kill(pool_workers(process.pid)[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode in (1, 4), stderr  # worker_lost items, or the pool broke: exit 4
-    assert manifest_items(out) < ITEMS
-
-    report = run(RunRequest(config=config, backend="threads"))
-
-    assert report["counts"]["failed"] == 0
+    assert process.returncode == 0, stderr
+    assert "a worker died" in stderr
     assert manifest_items(out) == ITEMS
     assert outputs(out) == clean_outputs
+
+    report = run(RunRequest(config=config, backend="threads"))
+    assert report["counts"]["skipped"] == ITEMS
 
 
 WRITE_FOREVER = """

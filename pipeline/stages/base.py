@@ -74,10 +74,12 @@ class SourceItem:
     problem: tuple[str, str] | None = None
 
     @classmethod
-    def invalid(cls, index: int, text: str, reason: str, message: str) -> SourceItem:
+    def invalid(
+        cls, index: int, text: str, reason: str, message: str, fields: dict[str, Any] | None = None
+    ) -> SourceItem:
         """The item of an unusable entry: keyed and shown by its text."""
         shown = entry_text(text)
-        return cls(index, shown, input=shown, problem=(reason, message[:500]))
+        return cls(index, shown, fields or {}, input=shown, problem=(reason, message[:500]))
 
     @property
     def key(self) -> str:

@@ -11,34 +11,47 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.stages.base import Record
-from pipeline.stages.outputs import atomic_write
+from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, fsync_path
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.json"
 
 
 class ResultsWriter:
-    """Appends records as JSON lines, flushed after every partition."""
+    """Appends records as JSON lines to a temp file, flushed after every partition
+    (`.tmp-results.jsonl.part`, to follow a run live), and renames it into place as
+    `results.jsonl` when the run ends, however it ends: the file is always whole and
+    belongs to the latest run. A run that recorded nothing leaves no results file."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / RESULTS_FILE
+        self.temp = self.path.with_name(f"{TEMP_PREFIX}{RESULTS_FILE}{TEMP_SUFFIX}")
         self._file: IO[str] | None = None
+        self.written = 0
 
     def __enter__(self) -> ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8")
+        self._file = self.temp.open("w", encoding="utf-8")  # a killed run's temp is replaced
         return self
 
     def write(self, records: list[Record]) -> None:
         assert self._file is not None, "use ResultsWriter as a context manager"
         self._file.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
         self._file.flush()
+        self.written += len(records)
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        with self._file:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
+        if self.written:
+            os.replace(self.temp, self.path)
+        else:
+            self.temp.unlink()
+            self.path.unlink(missing_ok=True)  # an earlier run's records are not this run's
+        fsync_path(str(self.path.parent))
 
 
 @dataclass

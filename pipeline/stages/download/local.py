@@ -38,6 +38,8 @@ def _check_regular(path: str, info: os.stat_result, max_bytes: int) -> None:
 
 
 def _open_error(path: str, exc: OSError) -> ItemError:
+    if exc.errno == errno.ELOOP:
+        return ItemError("not_regular_file", f"{path} is a symbolic link loop")
     if exc.errno == errno.ENOENT and os.path.islink(path):
         return ItemError("not_regular_file", f"{path} is a dangling symbolic link")
     if exc.errno == errno.ENOENT:
