@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+from concurrent.futures import Future
 
 import pytest
 
 from pipeline.config import BackendConfig
+from pipeline.errors import RunIncompleteError
 from pipeline.execution.backends import DistributedBackend, ThreadsBackend
-from pipeline.execution.engine import execute
+from pipeline.execution.engine import _Stream, execute
 from pipeline.execution.runner import RunRequest, prepare
 from pipeline.stages.base import Partition, SourceItem
 
@@ -75,3 +77,17 @@ def test_a_cluster_client_keeps_no_finished_partition(plan):
         plan, backend, map(missing_files, range(40)), lambda records: None, note_live_partitions
     )
     assert len(alive) <= backend.max_in_flight  # at most what may be in flight; was all 40
+
+
+def test_a_fatal_partition_does_not_lose_the_records_of_those_done_with_it(plan):
+    """Partitions that finished in the same instant as a fatal one are still recorded."""
+    recorded: list[list[dict]] = []
+    stream = _Stream(plan, ThreadsBackend(BackendConfig()), None, recorded.append)
+    fatal, first, second = Future(), Future(), Future()
+    fatal.set_exception(RunIncompleteError("the output disk is full"))
+    first.set_result([{"key": "a"}])
+    second.set_result([{"key": "b"}])
+    stream.in_flight = {first: missing_files(0), fatal: missing_files(1), second: missing_files(2)}
+    with pytest.raises(RunIncompleteError, match="disk is full"):
+        stream._settle([first, fatal, second])
+    assert recorded == [[{"key": "a"}], [{"key": "b"}]]

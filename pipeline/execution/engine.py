@@ -114,15 +114,22 @@ class _Stream:
             self._recover(suspects)
 
     def _settle(self, done: Iterable[Future[list[Record]]]) -> list[Partition]:
-        """Hand over the records of the `done` partitions; return those a broken pool failed."""
-        suspects = []
+        """Hand over the records of the `done` partitions; return those a broken pool failed.
+        A fatal error stops the run only once the others that finished are recorded."""
+        suspects, fatal = [], None
         for future in done:
             partition = self.in_flight.pop(future)
-            records = _outcome(future, partition, self.backend)
+            try:
+                records = _outcome(future, partition, self.backend)
+            except PipelineError as error:
+                fatal = fatal or error
+                continue
             if records is None:
                 suspects.append(partition)
             else:
                 self.on_records(records)
+        if fatal is not None:
+            raise fatal
         return suspects
 
     def _recover(self, suspects: list[Partition]) -> None:
