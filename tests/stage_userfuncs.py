@@ -22,3 +22,13 @@ def explode(image: Image.Image) -> Image.Image:
 
 
 unpicklable = lambda image: image  # noqa: E731 (the point: a lambda cannot be pickled)
+
+
+def claims_success(record: dict, image: Image.Image) -> dict:
+    return {"status": "ok", "reason": None}
+
+
+def numpy_values(record: dict, image: Image.Image) -> dict:
+    import numpy as np
+
+    return {"mean": np.float32(1.5), "shape": np.array(image.size), 3: "three"}

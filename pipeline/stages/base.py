@@ -36,6 +36,11 @@ def item_key(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
+# The keys of a record that the pipeline keeps (a stage's own results go elsewhere).
+CORE_KEYS = frozenset(
+    {"key", "index", "url", "input", "status", "stage", "reason", "message", "outputs"}
+    | {"sink_outputs", "timings", "attempts", "fields"}
+)
 # A record keeps at most this much of an entry's original text (`input`).
 MAX_INPUT_CHARS = 4096
 

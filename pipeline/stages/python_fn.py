@@ -2,7 +2,9 @@
 
 `takes: image` calls `function(image, **kwargs)` and expects a Pillow image (or a
 numpy array) back; `takes: record` calls `function(record, image, **kwargs)` and
-merges the dict it returns into the item's record (the image passes on). The
+merges the dict it returns into the item's record (the image passes on): its values
+as JSON has them (numpy scalars and other objects become text), and never one of the
+keys the pipeline keeps (`CORE_KEYS`: status, url, ...), or the item fails. The
 function is imported and pickled at validation, so a typo, a missing module or a
 lambda/closure that the processes and distributed backends could not ship fails
 before any work starts. Every worker imports it by name.
@@ -11,6 +13,7 @@ before any work starts. Every worker imports it by name.
 from __future__ import annotations
 
 import importlib
+import json
 import pickle
 from collections.abc import Callable
 from functools import cached_property
@@ -22,7 +25,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Step
+from pipeline.stages.base import CORE_KEYS, Item, Step
 from pipeline.stages.registry import register
 
 
@@ -62,6 +65,20 @@ class PythonOptions(Options):
         return path
 
 
+def record_updates(updates: Any, function: str) -> dict[str, Any]:
+    """What a record function returned, as JSON values; ItemError if it is not a dict,
+    cannot be JSON, or would overwrite a key the pipeline keeps."""
+    if not isinstance(updates, dict):
+        raise ItemError("transform_error", f"{function} must return a dict")
+    taken = sorted(map(str, CORE_KEYS.intersection(updates)))
+    if taken:
+        raise ItemError("transform_error", f"{function} may not set {', '.join(taken)}")
+    try:
+        return json.loads(json.dumps(updates, default=str))
+    except (TypeError, ValueError) as exc:
+        raise ItemError("transform_error", f"{function} returned no JSON: {exc}") from None
+
+
 @register("python")
 class Python(Step):
     """Run a user function on each image or record."""
@@ -77,9 +94,7 @@ class Python(Step):
         options: PythonOptions = self.options  # type: ignore[assignment]
         if options.takes == "record":
             updates = self.call(dict(item.record), item.data)
-            if not isinstance(updates, dict):
-                raise ItemError("transform_error", f"{options.function} must return a dict")
-            item.record.update(updates)
+            item.record.update(record_updates(updates, options.function))
             return item
         result = self.call(item.data)
         if not isinstance(result, Image.Image | np.ndarray):

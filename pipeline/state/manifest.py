@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.stages.base import Record, SourceItem
+from pipeline.stages.base import Record, SourceItem, clean_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -146,11 +146,11 @@ class Manifest:
                     "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record["key"],
-                        record["url"],
+                        clean_text(record["url"]),
                         record["status"],
                         record["stage"],
                         record["reason"],
-                        record["message"],
+                        record["message"] and clean_text(record["message"]),
                         attempt.fingerprint,
                         run_id,
                         now,
