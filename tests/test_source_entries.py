@@ -148,6 +148,20 @@ def test_a_list_that_cannot_be_read_stops_the_run_and_leaves_no_empty_files(tmp_
     assert json.loads((run_dir / "report.json").read_text())["exit_code"] == 4
 
 
+def test_the_cli_reports_an_unreadable_list_with_exit_4(tmp_path):
+    (tmp_path / "list.txt.gz").write_bytes(b"not gzip at all")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"name: t\noutput: {tmp_path / 'out'}\nstages:\n"
+        f"  urls: {{kind: url_list, path: '{tmp_path / 'list.txt.gz'}'}}\n"
+        "  get: {kind: download, input: urls}\n"
+    )
+    result = cli("run", str(config))
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert "error: urls: cannot read" in result.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["exit_code"] == 4
+
+
 def test_a_header_without_the_column_is_a_config_error_naming_file_line_and_key(tmp_path):
     (tmp_path / "list.csv").write_text("link,caption\nhttp://h/a.jpg,x\n")
     config = tmp_path / "job.yaml"

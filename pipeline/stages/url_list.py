@@ -326,11 +326,15 @@ class UrlList(Source):
             yield self.entry(number, text, partial(self._item, number, text, row, base))
 
     def count_items(self) -> int | None:
-        """The entry count for progress, when the list is small enough to read twice."""
-        fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
-        if fs.size(path) > COUNT_LIMIT_BYTES:
+        """The entry count for progress, when the list is small enough to read twice;
+        None when it is not, or cannot be read (the run itself then says why)."""
+        try:
+            fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
+            if fs.size(path) > COUNT_LIMIT_BYTES:
+                return None
+            return sum(1 for _ in self._entries())
+        except (PipelineError, OSError):
             return None
-        return sum(1 for _ in self._entries())
 
     def _item(
         self, number: int, text: str, row: dict[str, Any] | ItemError, base: str
