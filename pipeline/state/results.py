@@ -36,7 +36,8 @@ class ResultsWriter:
 
     def write(self, records: list[Record]) -> None:
         assert self._file is not None, "use ResultsWriter as a context manager"
-        self._file.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        lines = (json.dumps(record, sort_keys=True, default=str) + "\n" for record in records)
+        self._file.writelines(lines)
         self._file.flush()
         self.written += len(records)
 
