@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.execution.reduction import upstream_plan
+from pipeline.execution.runner import RunRequest, prepare
 from pipeline.stages.dedupe import HashSummary, UnionFind, band_keys, groups_of, merge
-from pipeline.testing.images import jpeg_bytes, photo
-from tests.stage_jobs import decoded_files, records, run_job
+from pipeline.stages.phash import dhash, phash
+from pipeline.testing.images import jpeg_bytes, photo, png_bytes
+from tests.stage_jobs import decoded_files, records, run_job, write_photos
 
 FAMILIES, SINGLES = 6, 6
 LOCAL_BACKENDS = ["threads", pytest.param("processes", marks=pytest.mark.slow)]
@@ -96,6 +99,11 @@ def test_drop_skips_duplicates_before_they_are_written(tmp_path, crafted, backen
     )
 
 
+def hashed(key: str, index: int, value: int) -> dict:
+    """A record as `dedupe` named `near` leaves it: the hash it used under its name."""
+    return {"key": key, "index": index, "status": "ok", "results": {"near": f"{value:016x}"}}
+
+
 def brute_force_groups(hashes: np.ndarray, threshold: int) -> set[frozenset[int]]:
     groups = UnionFind(np.arange(len(hashes)))
     for a, b in combinations(range(len(hashes)), 2):
@@ -114,11 +122,8 @@ def test_tree_of_merges_equals_brute_force(threshold):
         for _ in range(60)
     ]
     hashes = np.concatenate([base, base ^ np.array(flips, dtype=np.uint64), base[:5]])
-    records = [
-        {"key": f"{i:020d}", "index": i, "status": "ok", "phash": f"{int(h):016x}"}
-        for i, h in enumerate(hashes)
-    ]
-    leaves = [HashSummary.of(records[i : i + 7]) for i in range(0, len(records), 7)]
+    records = [hashed(f"{i:020d}", i, int(h)) for i, h in enumerate(hashes)]
+    leaves = [HashSummary.of(records[i : i + 7], "near") for i in range(0, len(records), 7)]
     level_one = [merge(leaves[i : i + 3], threshold) for i in range(0, len(leaves), 3)]
     result = merge(level_one, threshold)
     found = {frozenset(int(k) for k in [g["keep"], *g["duplicates"]]) for g in groups_of(result)}
@@ -146,3 +151,145 @@ def test_a_second_incremental_run_still_groups_the_whole_batch(tmp_path, crafted
         report = run_job(tmp_path, decoded_files(folder), stages, backend="threads")
         assert report["reductions"]["near"]["groups"] == FAMILIES
         assert report["reductions"]["near"]["items"] == FAMILIES * 4 + SINGLES
+
+
+def test_a_key_in_many_summaries_is_one_item_at_its_earliest_index():
+    """The first pass sees every line, so a key listed twice reaches the reduction twice
+    (in one partition or in two): it is one item, never a duplicate of itself."""
+    twice, near, other = 0x0F0F_0F0F_0F0F_0F0F, 0x0F0F_0F0F_0F0F_0F0E, 0xFFFF_0000_FFFF_0000
+    first = HashSummary.of([hashed("a" * 20, 1, twice), hashed("a" * 20, 3, twice)], "near")
+    assert first.keys.tolist() == [b"a" * 20] and first.indices.tolist() == [1]
+    second = HashSummary.of([hashed("b" * 20, 4, near), hashed("a" * 20, 5, twice)], "near")
+    third = HashSummary.of([hashed("c" * 20, 2, other), hashed("a" * 20, 6, twice)], "near")
+    merged = merge([merge([second, third], 2), first], 2)
+    assert sorted(merged.keys.tolist()) == [b"a" * 20, b"b" * 20, b"c" * 20]
+    assert dict(zip(merged.keys.tolist(), merged.indices.tolist(), strict=True))[b"a" * 20] == 1
+    assert groups_of(merged) == [{"keep": "a" * 20, "duplicates": ["b" * 20]}]
+    alone = merge([HashSummary.of([hashed("a" * 20, 9, twice)], "near"), first], 2)
+    assert len(alone.keys) == 1 and groups_of(alone) == []
+
+
+def test_drop_keeps_an_image_listed_twice(tmp_path):
+    """Line 3 repeats line 1: the main pass skips line 3 (same URL), and line 1 is written;
+    it is not dropped as a near-duplicate of its own key."""
+    folder = tmp_path / "photos"
+    write_photos(folder, 3)
+    listing = folder / "list.txt"
+    listing.write_text("photo-00.jpg\nphoto-01.jpg\nphoto-00.jpg\nphoto-02.jpg\n")
+    report = run_job(
+        tmp_path,
+        f"""
+        urls: {{kind: url_list, path: {listing}}}
+        get: {{kind: download, input: urls, allow_schemes: [file]}}
+        decode: {{kind: decode, input: get}}
+        hash: {{kind: phash, input: decode}}
+        near: {{kind: dedupe, input: hash, threshold: 4, drop: true}}
+        write: {{kind: write_images, input: near, path: unique}}
+        """,
+        partition_size=2,  # the two lines of photo-00 reach the reduction in two summaries
+    )
+    assert report["counts"] == {"ok": 3, "failed": 0, "skipped": 1}
+    assert report["reductions"]["near"] | {"file": None} == {
+        "threshold": 4,
+        "items": 3,
+        "groups": 0,
+        "duplicates": 0,
+        "file": None,
+    }
+    status = [(r["index"], r["status"], r["reason"]) for r in records(tmp_path / "out")]
+    assert status == [
+        (1, "ok", None),
+        (2, "ok", None),
+        (3, "skipped", "duplicate"),
+        (4, "ok", None),
+    ]
+    written = sorted(path.name.split("-")[1] for path in (tmp_path / "out" / "unique").iterdir())
+    assert written == ["00", "01", "02"]
+
+
+@pytest.mark.parametrize("backend", ["sync", "threads"])
+def test_drop_drops_when_every_stage_is_upstream_of_dedupe(tmp_path, crafted, backend):
+    """With no stage after `dedupe`, the first pass's plan has the same config as the main
+    pass's (only the nodes' `drop` differs): the main pass must not run the first pass's
+    compiled stages (same process on sync and threads), or it would drop nothing."""
+    folder, _ = crafted
+    stages = """
+    hash: {kind: phash, input: decode}
+    near: {kind: dedupe, input: hash, threshold: 12, drop: true}
+    """
+    report = run_job(tmp_path, decoded_files(folder), stages, backend=backend, partition_size=5)
+    assert report["counts"] == {"ok": FAMILIES + SINGLES, "failed": 0, "skipped": FAMILIES * 3}
+    skipped = [r for r in records(tmp_path / "out") if r["status"] == "skipped"]
+    assert {r["reason"] for r in skipped} == {"duplicate"} and len(skipped) == FAMILIES * 3
+    plan, _ = prepare(RunRequest(config=tmp_path / "job.yaml"))
+    first_pass = upstream_plan(plan, ["near"])
+    assert first_pass.config == plan.config and first_pass.fingerprint != plan.fingerprint
+
+
+def ramp(seed: int, stripes: bool) -> Image.Image:
+    """A faint photo under a strong left-to-right ramp, maybe with light and dark stripes
+    across: every row brightens to the right, so all have the same dHash (all ones), while
+    the pHash sees the photo and the stripes."""
+    grey = np.asarray(photo(144, 96, seed=seed).convert("L"), dtype=np.float32)
+    image = 0.2 * grey + 180 * np.linspace(0, 1, 144)[None, :]
+    if stripes:
+        image += 30 * np.sign(np.sin(2 * np.pi * np.arange(96)[:, None] / 24))
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+@pytest.mark.parametrize(
+    "dhash_stage",
+    [
+        "d: {kind: phash, input: near, algorithm: dhash}",  # later on dedupe's branch
+        "d: {kind: phash, input: decode, algorithm: dhash}",  # on a sibling branch
+    ],
+)
+def test_dedupe_groups_by_the_hash_stage_on_its_own_branch(tmp_path, dhash_stage):
+    """Two hash stages each keep their value under their own name; `dedupe` groups by the
+    nearest one upstream of it (pHash here), whatever the other (dHash, which runs later,
+    on the way to a sink) says."""
+    folder = tmp_path / "ramps"
+    folder.mkdir()
+    images = {
+        f"{seed}{'s' if stripes else 'p'}": ramp(seed, stripes)
+        for seed in (1, 2)
+        for stripes in (False, True)
+    }
+    for name, image in images.items():
+        (folder / f"{name}.png").write_bytes(png_bytes(image))
+    threshold = 10
+    names = sorted(images)
+    p_groups = brute_force_groups(np.array([phash(images[n]) for n in names], np.uint64), threshold)
+    d_groups = brute_force_groups(np.array([dhash(images[n]) for n in names], np.uint64), threshold)
+    assert {frozenset(names[i] for i in g) for g in p_groups} == {
+        frozenset({"1p", "1s"}),
+        frozenset({"2p", "2s"}),
+    }
+    assert len(d_groups) == 1  # the premise: the two algorithms disagree
+    report = run_job(
+        tmp_path,
+        decoded_files(folder),
+        f"""
+        p: {{kind: phash, input: decode}}
+        near: {{kind: dedupe, input: p, threshold: {threshold}}}
+        {dhash_stage}
+        write: {{kind: write_images, input: d, path: written}}
+        """,
+    )
+    assert report["counts"]["ok"] == 4
+    done = records(tmp_path / "out")
+    name_of = {r["key"]: r["url"].rsplit("/", 1)[1].removesuffix(".png") for r in done}
+    groups = json.loads((tmp_path / "out" / "dedupe-near.json").read_text())["members"]
+    found = {frozenset(name_of[k] for k in [g["keep"], *g["duplicates"]]) for g in groups}
+    assert found == {frozenset({"1p", "1s"}), frozenset({"2p", "2s"})}  # pHash's, not dHash's
+    for record in done:
+        results, image = record["results"], images[name_of[record["key"]]]
+        assert results["p"] == f"{phash(image):016x}" and results["d"] == f"{dhash(image):016x}"
+        assert results["near"] == results["p"]  # the hash `dedupe` used, under its name
+    hashes = np.array([int(r["results"]["p"], 16) for r in done], np.uint64)
+    from_records = {
+        frozenset(name_of[done[i]["key"]] for i in group)
+        for group in brute_force_groups(hashes, threshold)
+        if len(group) > 1
+    }
+    assert found == from_records

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import fsspec
@@ -68,7 +69,13 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
     assert sorted(sample["__key__"] for sample in samples) == sorted(by_key)
     for sample in samples:
         assert sample["jpg"].size == (24, 16)
-        assert sample["json"]["stats"] == by_key[sample["__key__"]]["stats"]
+        assert sample["json"]["results"] == by_key[sample["__key__"]]["results"]
+        assert sorted(sample["json"]["results"]["stats"]) == [
+            "brightness",
+            "contrast",
+            "mean_color",
+            "sharpness",
+        ]
 
     table = pq.read_table(out / "table")
     assert table.num_rows == 7 and len(list((out / "table").iterdir())) == 4
@@ -76,7 +83,9 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
         assert (
             Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"]) == (24, 16)
         )
-        assert json.loads(row["metadata"])["url"] == row["url"] == by_key[row["key"]]["url"]
+        metadata = json.loads(row["metadata"])
+        assert metadata["url"] == row["url"] == by_key[row["key"]]["url"]
+        assert metadata["results"] == by_key[row["key"]]["results"]
 
     arrays = sorted((out / "arrays").glob("*.npy"))
     stacked = np.concatenate([np.load(path) for path in arrays])
@@ -106,7 +115,7 @@ def test_sinks_write_to_memory_filesystem(tmp_path, photos):
     webp = next(out for out in record["outputs"] if out.endswith(".webp"))
     assert webp.startswith("memory://sinks-test/images/")
     sidecar = json.loads(fs.cat(webp.removesuffix(".webp") + ".json"))
-    assert sidecar["key"] == record["key"] and sidecar["stats"] == record["stats"]
+    assert sidecar["key"] == record["key"] and sidecar["results"] == record["results"]
     fs.rm("/sinks-test", recursive=True)
 
 
@@ -181,3 +190,77 @@ def test_rerun_with_new_items_keeps_earlier_shards(tmp_path, photos):
     shards = sorted(str(path) for path in (tmp_path / "out" / "wds").glob("*.tar"))
     samples = list(wds.WebDataset(shards, shardshuffle=False))
     assert len(samples) == 7 == len({sample["__key__"] for sample in samples})
+
+
+SIZE_FROM_FIELDS = """
+def size_from_fields(record, image):
+    return {"width": record["fields"]["w"]}
+"""
+
+
+@pytest.fixture
+def size_from_fields(tmp_path, monkeypatch):
+    """A user function (a module of its own, importable by name) that copies the list's
+    `w` column into the record's `width`, which the parquet sink stores as int32."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / "shard_userfuncs.py").write_text(SIZE_FROM_FIELDS)
+    monkeypatch.syspath_prepend(str(folder))
+    yield "shard_userfuncs:size_from_fields"
+    sys.modules.pop("shard_userfuncs", None)
+
+
+# 7 items in one partition, 4 rows a shard: one shard is written when the 4th item arrives,
+# the last one (3 items) when the partition ends (`finish`)
+@pytest.mark.parametrize(("bad_line", "bad_shard"), [(2, {1, 2, 3, 4}), (6, {5, 6, 7})])
+def test_a_shard_that_cannot_be_written_fails_all_its_items(
+    tmp_path, photos, size_from_fields, bad_line, bad_shard
+):
+    """One row whose width is text ("96px", from a list column of mixed types) makes pyarrow
+    refuse the whole table. Every item of that shard fails with the reason, the other shard
+    is written, nothing partial is left, and a re-run retries the failed items."""
+    import pyarrow.parquet as pq
+
+    listing = tmp_path / "list.jsonl"
+
+    def write_list(bad: int | None) -> None:
+        rows = [
+            {"url": str(path), "w": "96px" if line == bad else 96}
+            for line, path in enumerate(sorted(photos.iterdir()), 1)
+        ]
+        listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    stages = f"""
+    urls: {{kind: url_list, path: {listing}}}
+    get: {{kind: download, input: urls, allow_schemes: [file]}}
+    decode: {{kind: decode, input: get}}
+    size: {{kind: python, input: decode, function: "{size_from_fields}", takes: record}}
+    table: {{kind: parquet, input: size, path: table, shard_size: 4}}
+    """
+    write_list(bad_line)
+    report = run_job(tmp_path, stages, partition_size=7)
+    failed = len(bad_shard)
+    assert report["counts"] == {"ok": 7 - failed, "failed": failed, "skipped": 0}
+    assert report["failures_by_reason"] == {"write_error": failed}
+    done = records(tmp_path / "out")
+    for record in done:
+        if record["index"] in bad_shard:
+            assert (record["status"], record["stage"], record["reason"], record["outputs"]) == (
+                "failed",
+                "table",
+                "write_error",
+                [],
+            )
+            assert "ArrowInvalid" in record["message"] and "'96px'" in record["message"]
+        else:
+            assert record["status"] == "ok" and len(record["outputs"]) == 1
+    written = sorted((tmp_path / "out" / "table").iterdir())
+    assert [path.suffix for path in written] == [".parquet"]  # no partial or temp file
+    ok_keys = {r["key"] for r in done if r["status"] == "ok"}
+    assert set(pq.read_table(written[0]).column("key").to_pylist()) == ok_keys
+
+    write_list(None)  # the list fixed: the failed items are retried, the others kept
+    report = run_job(tmp_path, stages, partition_size=7)
+    assert report["counts"] == {"ok": failed, "failed": 0, "skipped": 7 - failed}
+    assert {r["index"] for r in records(tmp_path / "out") if r["status"] == "ok"} == bad_shard
+    assert pq.read_table(tmp_path / "out" / "table").num_rows == 7

@@ -114,19 +114,19 @@ def test_to_array_dtype_order_and_normalisation(landscape):
 
 
 def test_stats_measure_colour_brightness_and_sharpness(landscape):
-    _, record = apply("stats", Image.new("RGB", (20, 10), (200, 100, 0)))
-    assert record["stats"]["mean_color"] == [200.0, 100.0, 0.0]
-    assert record["stats"]["brightness"] == pytest.approx(0.299 * 200 + 0.587 * 100, abs=1)
-    assert record["stats"]["sharpness"] == 0.0
-    sharp = apply("stats", landscape)[1]["stats"]["sharpness"]
-    blurred = apply("stats", landscape.filter(ImageFilter.GaussianBlur(3)))[1]["stats"]["sharpness"]
-    assert blurred < sharp / 5
+    stats = apply("stats", Image.new("RGB", (20, 10), (200, 100, 0)))[1]["results"]["stats"]
+    assert stats["mean_color"] == [200.0, 100.0, 0.0]
+    assert stats["brightness"] == pytest.approx(0.299 * 200 + 0.587 * 100, abs=1)
+    assert stats["sharpness"] == 0.0
+    sharp = apply("stats", landscape)[1]["results"]["stats"]["sharpness"]
+    blurry = landscape.filter(ImageFilter.GaussianBlur(3))
+    assert apply("stats", blurry)[1]["results"]["stats"]["sharpness"] < sharp / 5
 
 
 @pytest.mark.parametrize("algorithm", ["phash", "dhash"])
 def test_phash_is_stable_for_near_copies_and_far_for_others(landscape, algorithm):
     def bits(image):
-        return int(apply("phash", image, algorithm=algorithm)[1]["phash"], 16)
+        return int(apply("phash", image, algorithm=algorithm)[1]["results"]["phash"], 16)
 
     original = bits(landscape)
     assert (original ^ bits(landscape.resize((150, 100)))).bit_count() <= 4
@@ -199,13 +199,14 @@ def test_transform_chain_gives_the_same_records_on_every_backend(tmp_path):
         )
         assert report["counts"]["ok"] == 6, report
         results[backend] = [
-            {k: r[k] for k in ("key", "stats", "phash", "aspect", "array_shape")}
+            {k: r[k] for k in ("key", "results", "aspect", "array_shape")}
             for r in records(tmp_path / backend)
         ]
         outputs = sorted((tmp_path / backend / "gray").iterdir())
         assert [Image.open(p).size for p in outputs] == [(32, 32)] * 6
     assert results["sync"] == results["threads"] == results["processes"]
     assert results["sync"][0]["array_shape"] == [32, 32] and results["sync"][0]["aspect"] == 1.0
+    assert sorted(results["sync"][0]["results"]) == ["hash", "stats"]
     stacked = np.concatenate(
         [np.load(p) for p in sorted((tmp_path / "sync" / "arrays").glob("*.npy"))]
     )

@@ -49,8 +49,16 @@ class Plan:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A hash of the effective config: same hash, same outputs."""
-        canonical = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        """A hash of the effective config and of every node (name, kind, inputs, options):
+        same hash, same stages. The nodes count too, because a derived plan may change
+        them and not the config (the first pass of a reducer, e.g. `dedupe` without
+        `drop`), and a worker keeps one compiled plan per fingerprint."""
+        nodes = [
+            [node.name, node.kind, list(node.inputs), node.options.model_dump(mode="json")]
+            for node in self.nodes
+        ]
+        document = {"config": self.config.model_dump(mode="json"), "nodes": nodes}
+        canonical = json.dumps(document, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def consumers(self, name: str) -> tuple[str, ...]:

@@ -1,6 +1,9 @@
 """`dedupe`: group near-duplicate images across the whole batch by perceptual-hash distance.
 
-Put it after a `phash` stage. Items pass through unchanged; at the end of the run
+Put it after a `phash` stage: it groups by the hash of the nearest `phash` upstream of
+it on its branch (which reaches it in the item's `meta`), and keeps the hash it used in
+the record under its own name (`record["results"][<name>]`), whatever other hash stages
+put there. Items pass through unchanged; at the end of the run
 the groups of near-duplicates (hashes within `threshold` bits, chained: single
 linkage) are written to `<run dir>/dedupe-<name>.json` and summarised in the
 report. In each group the item earliest in the input is kept, the others are
@@ -12,7 +15,10 @@ never written: that needs the groups before the main pass, so the stages up to
 How it fits the DAG and Dask (see `pipeline.stages.reducing`): a partition's
 records carry each image's 64-bit hash. On the client each finished partition
 becomes a small summary, three flat numpy arrays (20-byte keys, input indices,
-hashes) plus group labels: about 40 bytes an image, never pixels. Summaries are
+hashes) plus group labels: about 40 bytes an image, never pixels. A key is one
+item however often it is listed (the first pass sees every line of a list): a
+summary and a merge keep it once, at its earliest index, so it is never grouped
+with, or dropped as a duplicate of, itself. Summaries are
 merged by tasks on the backend, `fan_in` at a time, level by level (a tree
 reduction). A merge finds candidate pairs by multi-index hashing: the 64 bits
 are cut into bands so that, by the pigeonhole principle, two hashes within
@@ -64,13 +70,17 @@ class HashSummary:
     labels: np.ndarray
 
     @classmethod
-    def of(cls, records: list[Record]) -> HashSummary:
-        hashed = [r for r in records if r["status"] == "ok" and r.get("phash")]
-        return cls(
-            np.array([r["key"] for r in hashed], dtype="S20"),
-            np.array([r["index"] for r in hashed], dtype=np.int64),
-            np.array([int(r["phash"], 16) for r in hashed], dtype=np.uint64),
-            np.arange(len(hashed), dtype=np.int64),
+    def of(cls, records: list[Record], name: str) -> HashSummary:
+        """The ok records' hashes, as the `dedupe` stage `name` kept them in `results`."""
+        hashed = [(r, r.get("results", {}).get(name)) for r in records if r["status"] == "ok"]
+        hashed = [(r, value) for r, value in hashed if value]
+        return one_per_key(
+            cls(
+                np.array([r["key"] for r, _ in hashed], dtype="S20"),
+                np.array([r["index"] for r, _ in hashed], dtype=np.int64),
+                np.array([int(value, 16) for _, value in hashed], dtype=np.uint64),
+                np.arange(len(hashed), dtype=np.int64),
+            )
         )
 
 
@@ -163,10 +173,30 @@ def close_pairs(values: np.ndarray, hashes: np.ndarray, threshold: int) -> np.nd
     return np.concatenate(found)
 
 
+def one_per_key(summary: HashSummary) -> HashSummary:
+    """`summary` with each key once, at its earliest index: rows of one key are one item,
+    so whatever any of them was linked with stays linked with the row that is kept."""
+    by_index = np.argsort(summary.indices, kind="stable")
+    order = by_index[np.argsort(summary.keys[by_index], kind="stable")]  # by key, then index
+    keys = summary.keys[order]
+    first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.ones(0, dtype=bool)
+    if first.all():
+        return summary
+    groups = UnionFind(summary.labels)
+    earliest = order[np.flatnonzero(first)][np.cumsum(first) - 1]  # per row of `order`
+    for position in np.flatnonzero(~first):
+        groups.union(int(earliest[position]), int(order[position]))
+    kept = np.sort(order[first])
+    _, roots, inverse = np.unique(groups.labels()[kept], return_index=True, return_inverse=True)
+    return HashSummary(
+        summary.keys[kept], summary.indices[kept], summary.hashes[kept], roots[inverse.ravel()]
+    )
+
+
 def concatenate(summaries: list[HashSummary]) -> HashSummary:
     """All items of `summaries` in one, labels shifted to the new positions."""
     if not summaries:
-        return HashSummary.of([])
+        return HashSummary.of([], "")
     offsets = np.cumsum([0] + [len(summary.keys) for summary in summaries[:-1]])
     return HashSummary(
         np.concatenate([summary.keys for summary in summaries]),
@@ -177,8 +207,8 @@ def concatenate(summaries: list[HashSummary]) -> HashSummary:
 
 
 def merge(summaries: list[HashSummary], threshold: int) -> HashSummary:
-    """One summary of all items in `summaries`, with near-duplicates linked."""
-    joined = concatenate(summaries)
+    """One summary of all items in `summaries` (each key once), with near-duplicates linked."""
+    joined = one_per_key(concatenate(summaries))
     groups = UnionFind(joined.labels)
     unique, first, inverse = np.unique(joined.hashes, return_index=True, return_inverse=True)
     representatives = first[inverse.ravel()]
@@ -204,7 +234,8 @@ def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
 
 def load_dropped(path: str) -> dict[str, str]:
     """Each duplicate's key -> the key kept in its group, from a groups file (read once
-    per process and version of the file, not once per partition)."""
+    per process and version of the file, not once per partition). A key is never the
+    duplicate of itself."""
     fs, local = fsspec.core.url_to_fs(path)
     return _read_dropped(path, fs.checksum(local))
 
@@ -213,7 +244,12 @@ def load_dropped(path: str) -> dict[str, str]:
 def _read_dropped(path: str, version: int) -> dict[str, str]:
     with fsspec.open(path, "rb") as handle:
         groups = json.load(handle)["members"]
-    return {key: group["keep"] for group in groups for key in group["duplicates"]}
+    return {
+        key: group["keep"]
+        for group in groups
+        for key in group["duplicates"]
+        if key != group["keep"]
+    }
 
 
 @register("dedupe")
@@ -268,12 +304,16 @@ class Dedupe(Reducer):
         return None
 
     def process(self, item: Item) -> Item:
-        if not item.record.get("phash"):
+        """Keep the hash of the nearest `phash` upstream on this branch under this stage's
+        name: what `summarize` (on the client, records only) reads."""
+        value = item.meta.get("phash")
+        if not value:
             raise ItemError("transform_error", f"{self.name} needs a phash stage before it")
+        item.record.setdefault("results", {})[self.name] = value
         return item
 
     def summarize(self, records: list[Record]) -> HashSummary:
-        return HashSummary.of(records)
+        return HashSummary.of(records, self.name)
 
     def combine(self, summaries: list[HashSummary]) -> HashSummary:
         return merge(summaries, self.options.threshold)  # type: ignore[attr-defined]

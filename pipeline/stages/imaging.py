@@ -31,13 +31,18 @@ class ImageStep(Step):
 
 
 class AnalysisStep(Step):
-    """Adds `measure(image)` to the record under `field`; the image passes on unchanged."""
+    """Adds `measure(image)` to the record, under the stage's own name in `results` (so two
+    stages of one kind never collide); the image passes on unchanged.
 
-    field: str
+    The value also goes into the item's `meta` under the stage's kind, which travels down
+    the branch only: a later stage reads the nearest analysis of a kind upstream of it
+    (`dedupe` the nearest `phash`), whatever other branches measured.
+    """
 
     def process(self, item: Item) -> Item:
-        item.record[self.field] = self.measure(image_of(item, self.name))
-        return item
+        value = self.measure(image_of(item, self.name))
+        item.record.setdefault("results", {})[self.name] = value
+        return item.derive(item.data, **{self.kind: value})
 
     def measure(self, image: Image.Image) -> object:
         raise NotImplementedError

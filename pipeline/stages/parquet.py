@@ -69,6 +69,11 @@ class Parquet(ShardedSink):
             "image": encode(image, options) if image is not None else None,
         }
 
+    def write_errors(self) -> tuple[type[Exception], ...]:
+        import pyarrow as pa
+
+        return (*super().write_errors(), pa.ArrowException)  # e.g. text for an int32 column
+
     def write_shard(self, target: AtomicFile, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq  # imported by the jobs that write parquet only

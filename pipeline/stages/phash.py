@@ -1,4 +1,5 @@
-"""`phash`: a 64-bit perceptual hash per image, in numpy, as 16 hex digits in the record.
+"""`phash`: a 64-bit perceptual hash per image, in numpy, as 16 hex digits in the record
+(`record["results"][<stage name>]`).
 
     phash  grey 32x32 -> 2-D DCT -> the 8x8 lowest frequencies -> bit = above their median
     dhash  grey 9x8 -> bit = brighter than the right-hand neighbour
@@ -66,11 +67,10 @@ def hamming(a: int, b: int) -> int:
 
 @register("phash")
 class Phash(AnalysisStep):
-    """A perceptual hash into `record['phash']` (16 hex digits)."""
+    """A perceptual hash into `record['results'][name]` (16 hex digits)."""
 
     Options = PhashOptions
     description = "Perceptual hash (pHash/dHash) into the record"
-    field = "phash"
 
     def measure(self, image: Image.Image) -> str:
         value = ALGORITHMS[self.options.algorithm](image)  # type: ignore[attr-defined]

@@ -6,8 +6,11 @@ digest is a hash of the keys it holds, written atomically; `finish` writes the r
 Names and contents depend only on the items, so every backend writes the same
 shards, and an incremental re-run (whose pending items are packed into partitions
 numbered from 0 again) can never overwrite an earlier run's shard. Items' records
-name their shard once it is written; if it cannot be written, its items are marked
-failed (a fatal error such as a full disk stops the run instead).
+name their shard once it is written; if it cannot be written, for whatever reason (an
+OSError, or the format library refusing a value: a pyarrow type error, a numpy error),
+every item of the shard is marked failed, never only the one whose arrival triggered the
+write, and no partial file is left; a fatal error such as a full disk stops the run
+instead. `finish` (the last shard) is guarded the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, Field, PositiveInt
 
 from pipeline.config.model import Options
-from pipeline.errors import ItemError
+from pipeline.errors import ItemError, PipelineError
 from pipeline.stages.base import Item, Partition, Sink
 from pipeline.stages.outputs import (
     AtomicFile,
@@ -71,18 +74,39 @@ class ShardedSink(Sink):
         return join(output_folder(self.job.run_dir, options.path), name)
 
     def flush(self) -> None:
-        """Write the pending items as one shard; on an item-level error, fail them all."""
+        """Write the pending items as one shard; if it cannot be written, fail them all.
+
+        Only a PipelineError (the run cannot go on) escapes: any other error belongs to
+        the whole shard, never to the one item whose arrival triggered the write.
+        """
         pending, self.pending = self.pending, []
         items = [item for item, _ in pending]
-        path = self.shard_path(items)
         try:
+            path = self.shard_path(items)
             self.write_atomically(path, [row for _, row in pending])
-        except ItemError as error:
+        except PipelineError:
+            raise
+        except Exception as exc:
+            error = self.shard_error(exc)
             for item in items:
                 item.fail(self.name, error)
             return
         for item in items:
             self.add_output(item, path)
+
+    def shard_error(self, exc: Exception) -> ItemError:
+        """The error every item of a shard that could not be written fails with: a
+        `write_error` (retried by a later run) if the format refused the data, else an
+        `internal_error` (a bug)."""
+        if isinstance(exc, ItemError):
+            return exc
+        reason = "write_error" if isinstance(exc, self.write_errors()) else "internal_error"
+        return ItemError(reason, f"shard not written: {type(exc).__name__}: {exc}")
+
+    def write_errors(self) -> tuple[type[Exception], ...]:
+        """What writing raises for data the format cannot hold (a value of the wrong type,
+        out of range); a sink adds its library's errors."""
+        return (ValueError, TypeError, ArithmeticError)
 
     def write_atomically(self, path: str, rows: list[Any]) -> None:
         try:

@@ -1,4 +1,5 @@
-"""`stats`: per-image statistics in numpy, added to the record under `stats`.
+"""`stats`: per-image statistics in numpy, a dict in the record under the stage's name
+(`record["results"][<stage name>]`).
 
 mean_color   mean of each channel (R, G, B[, A]), 0-255
 brightness   mean luma (ITU-R 601 grey), 0-255
@@ -38,10 +39,9 @@ def image_stats(image: Image.Image) -> dict[str, object]:
 
 @register("stats")
 class Stats(AnalysisStep):
-    """Mean colour, brightness, contrast and sharpness into `record['stats']`."""
+    """Mean colour, brightness, contrast and sharpness into `record['results'][name]`."""
 
     description = "Mean colour, brightness, contrast, sharpness into the record"
-    field = "stats"
 
     def measure(self, image: Image.Image) -> dict[str, object]:
         return image_stats(image)

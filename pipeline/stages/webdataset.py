@@ -42,6 +42,9 @@ class WebDataset(ShardedSink):
         image = encode(require_image(item, self.name), options)
         return item.key, image, metadata_json(item.record)
 
+    def write_errors(self) -> tuple[type[Exception], ...]:
+        return (*super().write_errors(), tarfile.TarError)
+
     def write_shard(self, target: AtomicFile, rows: list[Sample]) -> None:
         extension = EXTENSIONS[self.options.format]  # type: ignore[attr-defined]
         with tarfile.open(fileobj=target.file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
