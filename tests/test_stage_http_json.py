@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,7 +19,7 @@ from pipeline.testing import server as misbehave
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes
 from pipeline.testing.server import TestServer, send_bytes
 from tests.conftest import REPO
-from tests.stage_jobs import records
+from tests.stage_jobs import records, run_job
 
 CLIENT_ID = "loopback-client-123"
 
@@ -252,3 +253,193 @@ def test_messages_show_no_credentials_of_the_url():
     from pipeline.stages.http_json import _where
 
     assert _where("https://user:pw@h.example:8443/a/b?k=1") == "https://h.example:8443/a/b"
+
+
+# Issue 17: every element is one record, and a later page that fails is one record.
+
+SECRET = "s3cr3t-param"
+TOKEN = "tok-9c1e"
+
+
+def page_json(server: TestServer, page: int, extra: dict | None = None) -> bytes:
+    """Page `page` of `/feed`: two image elements, served by the same server."""
+    links = [{"url": server.url(f"/img/{page}-{n}.jpg")} for n in range(2)]
+    return json.dumps({"items": links, **(extra or {})}).encode()
+
+
+def serve_images(server: TestServer, pages: int) -> None:
+    for page in range(pages):
+        for n in range(2):
+            server.add_bytes(f"/img/{page}-{n}.jpg", jpeg_bytes(photo(40, 30, seed=10 * page + n)))
+
+
+def paged_feed(server: TestServer, later: misbehave.Handler) -> list[int]:
+    """`/feed?page=N`: pages 0 and 2 answer two images each, page 1 with `later`.
+    Returns the page numbers asked for, in order, as the server sees them."""
+    asked: list[int] = []
+
+    def handle(request) -> None:
+        page = int(parse_qs(urlsplit(request.path).query)["page"][0])
+        asked.append(page)
+        if page == 1:
+            later(request)
+        else:
+            send_bytes(request, page_json(server, page), "application/json")
+
+    server.add("/feed", handle)
+    serve_images(server, 3)
+    return asked
+
+
+def feed_job(tmp_path: Path, server: TestServer, **options) -> dict:
+    """Run `feed` (http_json over /feed, 3 pages) -> download -> decode -> write_images."""
+    settings = {
+        "url": server.url("/feed"),
+        "headers": {"Authorization": f"Bearer {TOKEN}"},
+        "params": {"key": SECRET},
+        "items": "items",
+        "link": "url",
+        "page_param": "page",
+        "pages": 3,
+        "retries": 0,
+        **options,
+    }
+    return run_job(
+        tmp_path,
+        f"feed: {json.dumps({'kind': 'http_json', **settings})}",
+        "get: {kind: download, input: feed, allow_hosts: [127.0.0.1]}",
+        "decode: {kind: decode, input: get}",
+        "write: {kind: write_images, input: decode, path: images}",
+    )
+
+
+def summary(tmp_path: Path) -> list[tuple]:
+    """(index, status, stage, reason, input) of every record, in index order."""
+    found = records(tmp_path / "out")
+    return [(r["index"], r["status"], r["stage"], r["reason"], r["input"]) for r in found]
+
+
+def assert_no_secret(tmp_path: Path) -> None:
+    text = (tmp_path / "out" / "results.jsonl").read_text()
+    assert SECRET not in text and TOKEN not in text
+
+
+def slow(seconds: float) -> misbehave.Handler:
+    def handle(request) -> None:
+        time.sleep(seconds)
+        send_bytes(request, b'{"items": []}', "application/json")
+
+    return handle
+
+
+LATER_PAGE_FAILURES = {
+    "not_json": (misbehave.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n<html>"), {}),
+    "slow": (slow(5.0), {"timeout": 0.5}),
+    "drip": (misbehave.drip_body(b'{"items": []}' + b" " * 200, 0.05), {"timeout": 0.5}),
+    "http_500": (misbehave.status(500), {}),
+    "http_404": (misbehave.status(404), {}),
+    "reset": (misbehave.reset(), {}),
+    "declared_too_large": (
+        misbehave.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"),
+        {"max_page_bytes": 1000},
+    ),
+    "endless": (misbehave.endless_body(b" " * 65536), {"max_page_bytes": 1000}),
+}
+REASON = {"not_json": "invalid_input", "slow": "timeout", "drip": "timeout"}
+REASON |= {"http_500": "http_5xx", "http_404": "http_4xx", "reset": "connection_error"}
+REASON |= {"declared_too_large": "too_large", "endless": "too_large"}
+
+
+@pytest.mark.parametrize("failure", list(LATER_PAGE_FAILURES))
+def test_a_later_page_that_fails_is_one_failed_record_and_ends_the_paging(tmp_path, failure):
+    handler, options = LATER_PAGE_FAILURES[failure]
+    with TestServer() as server:
+        asked = paged_feed(server, handler)
+        started = time.monotonic()
+        report = feed_job(tmp_path, server, **options)
+        elapsed = time.monotonic() - started
+    feed = server.url("/feed")
+    assert summary(tmp_path) == [
+        (1, "ok", None, None, server.url("/img/0-0.jpg")),
+        (2, "ok", None, None, server.url("/img/0-1.jpg")),
+        (3, "failed", "feed", REASON[failure], feed),
+    ]
+    assert records(tmp_path / "out")[2]["message"].startswith(f"GET {feed}: ")
+    assert report["exit_code"] == 1 and asked == [0, 1]  # page 2 is not asked for
+    assert elapsed < 4  # a slow, dripping or endless page is cut off, not waited for
+    assert_no_secret(tmp_path)
+
+
+def test_the_first_page_failing_stops_the_run_naming_the_source_and_url(tmp_path):
+    with TestServer() as server:
+        server.add("/feed", misbehave.endless_body(b" " * 65536))
+        with pytest.raises(RunIncompleteError) as caught:
+            feed_job(tmp_path, server, max_page_bytes=1000)
+    message = str(caught.value)
+    assert caught.value.exit_code == 4
+    assert f"feed: GET {server.url('/feed')}: the page is over max_page_bytes" in message
+    assert SECRET not in message and TOKEN not in message
+
+
+def test_a_10_mb_page_is_read_by_default(tmp_path):
+    with TestServer() as server:
+        padding = {"padding": "x" * 10_000_000}
+        server.add_bytes("/feed", page_json(server, 0, padding), "application/json")
+        serve_images(server, 1)
+        report = feed_job(tmp_path, server, page_param=None, pages=1)
+    assert report["exit_code"] == 0
+    assert [r[:2] for r in summary(tmp_path)] == [(1, "ok"), (2, "ok")]
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2
+
+
+def test_an_unparsable_next_url_is_a_failed_record_of_the_page_naming_it(tmp_path):
+    with TestServer() as server:
+        body = page_json(server, 0, {"next": "http://[::1/broken?key=x"})
+        server.add_bytes("/feed", body, "application/json")
+        serve_images(server, 1)
+        report = feed_job(tmp_path, server, page_param=None, next_url="next")
+    assert summary(tmp_path)[2] == (3, "failed", "feed", "invalid_url", server.url("/feed"))
+    assert report["exit_code"] == 1 and report["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
+
+
+def test_every_element_kept_by_where_is_one_record_whatever_it_holds(tmp_path):
+    with TestServer() as server:
+        serve_images(server, 1)
+        good = server.url("/img/0-0.jpg")
+        found = [
+            {"url": good, "kind": "photo"},
+            {"url": server.url("/img/0-1.jpg"), "kind": "video"},  # filtered: no record
+            "a string",
+            42,
+            ["a", "list"],
+            {"kind": "photo"},
+            {"url": None, "kind": "photo"},
+            {"url": "", "kind": "photo"},
+            {"url": "  ", "kind": "photo"},
+            {"url": 7, "kind": "photo"},
+            {"url": {"href": good}, "kind": "photo"},
+            {"url": "http://[::1/broken", "kind": "photo"},
+            {"url": "http://h:99999/a.jpg", "kind": "photo"},
+            {"url": "http://h/\ud800.jpg", "kind": "photo"},  # a lone surrogate, escaped
+        ]
+        server.add_bytes("/feed", json.dumps({"items": found}).encode(), "application/json")
+        report = feed_job(tmp_path, server, page_param=None, pages=1, where={"kind": ["photo"]})
+    reasons = ("invalid_input", "empty", "invalid_url")
+    bad_input, empty, bad_url = (("failed", "feed", reason) for reason in reasons)
+    expected = [
+        ((1, "ok", None, None), good),
+        ((2, *bad_input), '"a string"'),
+        ((3, *bad_input), "42"),
+        ((4, *bad_input), '["a","list"]'),
+        ((5, *empty), '{"kind":"photo"}'),
+        ((6, *empty), '{"url":null,"kind":"photo"}'),
+        ((7, *empty), '{"url":"","kind":"photo"}'),
+        ((8, *empty), '{"url":"  ","kind":"photo"}'),
+        ((9, *bad_input), '{"url":7,"kind":"photo"}'),
+        ((10, *bad_input), f'{{"url":{{"href":"{good}"}},"kind":"photo"}}'),
+        ((11, *bad_url), '{"url":"http://[::1/broken","kind":"photo"}'),
+        ((12, *bad_url), '{"url":"http://h:99999/a.jpg","kind":"photo"}'),
+        ((13, *bad_input), '{"url":"http://h/\\ud800.jpg","kind":"photo"}'),
+    ]
+    assert summary(tmp_path) == [(*head, text) for head, text in expected]
+    assert report["exit_code"] == 1 and report["counts"]["failed"] == 12

@@ -9,15 +9,26 @@ element values (id, title) into the record. Pagination, for at most `pages` page
 stopping at the first page with no elements: page numbers (`{page}` in the URL or a
 `page_param`, from `start_page`), or what each answer names for the next page: a
 cursor (`next_cursor`, sent back as `cursor_param`) or a URL (`next_url`, followed
-only on the same scheme, host and port, since it gets the same headers). A failed
-request stops the run: without the list there is nothing to do. Messages never show
-headers or query strings (they hold secrets).
+only on the same scheme, host and port, since it gets the same headers; another
+origin stops the run).
+
+Every element `where` keeps is one entry, and gets one record: an element that is
+not a JSON object (`invalid_input`), has no link or an empty one (`empty`), a link
+that is not a string or not valid text (`invalid_input`), or one that is no URL
+(`invalid_url`) fails at this stage with the element as compact JSON (`input`).
+A page is read up to `max_page_bytes`. If the first page fails (no answer, a
+timeout, an HTTP error, a body over the cap, not JSON) the run stops: without the
+list there is nothing to do. A later page that fails is one failed record (its
+URL without query string as `input`), and paging stops there; the items of
+earlier pages go on. Messages never show headers or query strings (they hold secrets).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -25,9 +36,13 @@ import urllib3
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from pipeline.config.model import Options
-from pipeline.errors import RunIncompleteError
-from pipeline.stages.base import Source, SourceItem
+from pipeline.errors import ItemError, RunIncompleteError
+from pipeline.stages.base import Source, SourceItem, clean_text
+from pipeline.stages.download import url_scheme
 from pipeline.stages.registry import register
+
+CHUNK = 64 * 1024
+JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
 
 class HttpJsonOptions(Options):
@@ -62,8 +77,13 @@ class HttpJsonOptions(Options):
             raise ValueError(f"next_url and {other} are two ways to page: keep one")
         return self
 
-    timeout: PositiveFloat = Field(30.0, description="Seconds per request")
+    timeout: PositiveFloat = Field(
+        30.0, description="Seconds per request: for each read, and for a page's whole body"
+    )
     retries: NonNegativeInt = Field(3, description="Retries on connection errors, 429 and 5xx")
+    max_page_bytes: PositiveInt = Field(
+        32 * 1024 * 1024, description="Largest page body read, in bytes (after decompression)"
+    )
 
 
 def walk(value: Any, path: list[str]) -> Iterator[Any]:
@@ -94,10 +114,75 @@ def elements(document: Any, path: str) -> list[Any]:
     return found
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (`object`, `number`, ...)."""
+    return JSON_TYPES.get(type(value), "number")
+
+
+def compact(element: Any) -> str:
+    """An element as compact JSON, the way a record shows it (`input`)."""
+    return json.dumps(element, ensure_ascii=False, separators=(",", ":"))
+
+
+def checked_link(link: Any, path: str) -> str:
+    """`link` if it is a usable URL, else ItemError: empty, not text, or no URL."""
+    if link is None or (isinstance(link, str) and not link.strip()):
+        raise ItemError("empty", f"the element has no link at '{path}'")
+    if not isinstance(link, str):
+        raise ItemError("invalid_input", f"the link at '{path}' is a {json_type(link)}")
+    if clean_text(link) != link:
+        raise ItemError("invalid_input", f"the link at '{path}' is not valid Unicode text")
+    url_scheme(link)  # raises invalid_url for what cannot be parsed as a URL
+    return link
+
+
 def _where(url: str) -> str:
     """The URL without credentials or query string: safe to print."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def _failure(error: urllib3.exceptions.HTTPError) -> tuple[str, str]:
+    """The reason code and a message without URL (it may hold secrets) of a failed GET."""
+    errors = urllib3.exceptions
+    cause = error.reason if isinstance(error, errors.MaxRetryError) else error
+    if isinstance(cause, errors.LocationValueError):  # its text shows the URL
+        return "invalid_url", "the URL cannot be parsed"
+    if isinstance(cause, errors.NewConnectionError):  # a subclass of ConnectTimeoutError
+        reason = "connection_error"
+    elif isinstance(cause, errors.TimeoutError):
+        reason = "timeout"
+    elif isinstance(cause, errors.ResponseError):
+        reason = "too_many_redirects"
+    else:
+        reason = "connection_error"
+    return reason, str(cause) or type(cause).__name__
+
+
+def _status_reason(status: int) -> str:
+    if status == 429:
+        return "rate_limited"
+    return {4: "http_4xx", 5: "http_5xx"}.get(status // 100, "protocol_error")
+
+
+def read_body(response: urllib3.BaseHTTPResponse, cap: int, seconds: float) -> bytes:
+    """The body, read a chunk at a time: ItemError once it passes `cap` bytes
+    (`too_large`) or takes more than `seconds` (`timeout`, for a server that drips)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap and "Content-Encoding" not in response.headers:
+        raise ItemError("too_large", f"the page has {declared} bytes, over max_page_bytes {cap}")
+    deadline, size, chunks = time.monotonic() + seconds, 0, []
+    while chunk := response.read1(CHUNK):
+        size += len(chunk)
+        if size > cap:
+            raise ItemError("too_large", f"the page is over max_page_bytes ({cap} bytes)")
+        if time.monotonic() > deadline:
+            raise ItemError("timeout", f"the page took over {seconds} s to read")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @register("http_json")
@@ -110,25 +195,44 @@ class HttpJson(Source):
     def iter_items(self) -> Iterator[SourceItem]:
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         index = 0
-        for document in self.documents():
+        for page, document in self.documents():
+            if isinstance(document, ItemError):  # a later page failed: paging stops
+                yield SourceItem.invalid(index + 1, page, document.reason, document.message)
+                return
             found = elements(document, options.items)
             if not found:
                 return
             for element in found:
-                link = at(element, options.link) if isinstance(element, dict) else None
-                if isinstance(link, str) and self.wanted(element):
-                    index += 1
-                    yield SourceItem(index, link, {f: at(element, f) for f in options.fields})
+                if isinstance(element, dict) and not self.wanted(element):
+                    continue
+                index += 1
+                yield self.entry(index, compact(element), partial(self.item, index, element))
 
-    def documents(self) -> Iterator[Any]:
-        """Each page's JSON answer, in order, while there is a next page to ask for."""
+    def item(self, index: int, element: Any) -> SourceItem:
+        """The item of one element; ItemError if it is not an object with a usable link."""
+        options: HttpJsonOptions = self.options  # type: ignore[assignment]
+        if not isinstance(element, dict):
+            raise ItemError("invalid_input", f"the element is a JSON {json_type(element)}")
+        link = checked_link(at(element, options.link), options.link)
+        return SourceItem(index, link, {name: at(element, name) for name in options.fields})
+
+    def documents(self) -> Iterator[tuple[str, Any]]:
+        """(URL without query, JSON answer) of each page, in order, while there is a next
+        page to ask for; a later page that fails comes as its ItemError, and is the last."""
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         url, params = options.url, dict(options.params)
         for page in range(options.start_page, options.start_page + options.pages):
             if options.page_param:
                 params[options.page_param] = page
-            document = self.fetch(url.replace("{page}", str(page)), params)
-            yield document
+            target = url.replace("{page}", str(page))
+            try:
+                document = self.fetch(target, params)
+            except ItemError as error:
+                if page == options.start_page:  # no list at all: nothing to do
+                    raise RunIncompleteError(f"{self.name}: {error.message}") from None
+                yield _where(target), error
+                return
+            yield _where(target), document
             if options.next_cursor:
                 cursor = at(document, options.next_cursor)
                 if cursor in (None, ""):
@@ -138,17 +242,26 @@ class HttpJson(Source):
                 following = at(document, options.next_url)
                 if not isinstance(following, str) or not following:
                     return
-                url, params = self.same_origin(url, following), {}
+                try:
+                    url, params = self.same_origin(url, following), {}
+                except ItemError as error:  # shown as a failure of the page that named it
+                    yield _where(target), error
+                    return
 
     def wanted(self, element: dict[str, Any]) -> bool:
         where = self.options.where  # type: ignore[attr-defined]
         return all(at(element, field) in values for field, values in where.items())
 
     def same_origin(self, current: str, following: str) -> str:
-        """The next page's URL, resolved against the current one; RunIncompleteError if
-        it leaves the current scheme, host and port (it would get the same headers)."""
-        resolved = urljoin(current, following)
-        if urlsplit(resolved)[:2] != urlsplit(current)[:2]:
+        """The next page's URL, resolved against the current one: ItemError if it cannot
+        be parsed, RunIncompleteError if it leaves the current scheme, host and port (it
+        would get the same headers)."""
+        try:
+            resolved = urljoin(current, following)
+            origin = urlsplit(resolved)[:2]
+        except ValueError as exc:
+            raise ItemError("invalid_url", f"the next page's URL cannot be parsed: {exc}") from None
+        if origin != urlsplit(current)[:2]:
             raise RunIncompleteError(
                 f"{self.name}: the next page is on {_where(resolved)}, not on "
                 f"{_where(current)}: not followed (the request headers may hold secrets)"
@@ -156,37 +269,51 @@ class HttpJson(Source):
         return resolved
 
     def fetch(self, url: str, params: dict[str, Any]) -> Any:
+        """The JSON answer of a GET; ItemError (a reason, a message without secrets)."""
+        try:
+            response = self.request(url, params)
+            try:
+                return self.answer(response)
+            finally:
+                response.close()  # a body left unread (an error, too large) ends the connection
+        except urllib3.exceptions.HTTPError as error:
+            reason, detail = _failure(error)
+        except ItemError as error:
+            reason, detail = error.reason, error.message
+        raise ItemError(reason, f"GET {_where(url)}: {detail}")
+
+    def request(self, url: str, params: dict[str, Any]) -> urllib3.BaseHTTPResponse:
+        """The response's head; its body is left to read (it may be too large)."""
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         retry = urllib3.Retry(
             total=options.retries,
             backoff_factor=0.5,
             status_forcelist=(429, 500, 502, 503, 504),
+            raise_on_status=False,  # the last answer says what failed
             # a redirect to another host gets none of the configured headers (secrets)
             remove_headers_on_redirect=[
                 *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
                 *options.headers,
             ],
         )
-        try:
-            response = urllib3.request(
-                "GET",
-                url,
-                fields={k: str(v) for k, v in params.items()},
-                headers=options.headers,
-                timeout=options.timeout,
-                retries=retry,
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__  # no URL: it has secrets
-            raise RunIncompleteError(f"{self.name}: GET {_where(url)} failed: {reason}") from None
+        return urllib3.request(
+            "GET",
+            url,
+            fields={k: str(v) for k, v in params.items()},
+            headers=options.headers,
+            timeout=options.timeout,
+            retries=retry,
+            preload_content=False,
+        )
+
+    def answer(self, response: urllib3.BaseHTTPResponse) -> Any:
+        """The decoded JSON of a 200 answer; ItemError for any other."""
+        options: HttpJsonOptions = self.options  # type: ignore[assignment]
         if response.status != 200:
-            raise RunIncompleteError(
-                f"{self.name}: GET {_where(url)} answered HTTP {response.status}: "
-                f"{response.data[:200].decode('utf-8', 'replace')}"
-            )
+            text = response.read(200).decode("utf-8", "replace")
+            raise ItemError(_status_reason(response.status), f"HTTP {response.status}: {text}")
+        body = read_body(response, options.max_page_bytes, options.timeout)
         try:
-            return json.loads(response.data)
-        except ValueError as exc:
-            raise RunIncompleteError(
-                f"{self.name}: {_where(url)} did not answer JSON: {exc}"
-            ) from None
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ItemError("invalid_input", f"not JSON: {exc}") from None
