@@ -68,7 +68,11 @@ class ItemError(Exception):
 # The documented taxonomy of `reason` codes in result records.
 REASONS: dict[str, str] = {
     "empty": "the input had no bytes, or the list entry's URL cell was empty or null",
-    "invalid_input": "the list entry cannot be read (corrupt JSON, not UTF-8, an overlong line)",
+    "invalid_input": (
+        "the list entry cannot be read (corrupt JSON, not UTF-8, an overlong line, a JSON "
+        "element that is not an object, a folder that cannot be listed, a later API page "
+        "that is not JSON)"
+    ),
     "not_an_image": "the bytes are not an image (e.g. HTML)",
     "unsupported_format": "an image format outside the allow-list",
     "corrupt": "the image data is damaged",

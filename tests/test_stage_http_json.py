@@ -443,3 +443,18 @@ def test_every_element_kept_by_where_is_one_record_whatever_it_holds(tmp_path):
     ]
     assert summary(tmp_path) == [(*head, text) for head, text in expected]
     assert report["exit_code"] == 1 and report["counts"]["failed"] == 12
+
+
+def test_a_relative_link_is_relative_to_its_page_never_a_local_path(tmp_path):
+    with TestServer() as server:
+        serve_images(server, 1)
+        found = [{"url": "/img/0-0.jpg"}, {"url": "0-1.jpg"}, {"url": "../etc/passwd"}]
+        server.add_bytes("/img/feed", json.dumps({"items": found}).encode(), "application/json")
+        feed_job(tmp_path, server, url=server.url("/img/feed"), page_param=None, pages=1)
+        found = records(tmp_path / "out")
+    assert [(r["status"], r["url"], r["input"]) for r in found[:2]] == [
+        ("ok", server.url("/img/0-0.jpg"), "/img/0-0.jpg"),
+        ("ok", server.url("/img/0-1.jpg"), "0-1.jpg"),
+    ]
+    assert (found[2]["url"], found[2]["reason"]) == (server.url("/etc/passwd"), "http_4xx")
+    assert_no_secret(tmp_path)

@@ -55,6 +55,26 @@ def clean_text(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def jsonable(value: Any) -> Any:
+    """Field values must survive JSON results, SQLite and parquet: text is cleaned of
+    lone surrogates, other types (dates, bytes, decimals) become text."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if value is None or isinstance(value, bool | int) or _finite(value):
+        return value
+    if isinstance(value, list | tuple):
+        return [jsonable(element) for element in value]
+    if isinstance(value, dict):
+        return {clean_text(str(key)): jsonable(element) for key, element in value.items()}
+    if isinstance(value, bytes):
+        return clean_text(value.decode("utf-8", "surrogateescape"))
+    return clean_text(str(value))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float) and value - value == 0  # not inf, -inf or nan
+
+
 def entry_text(text: str) -> str:
     """An entry's original text as a record keeps it: clean, and at most MAX_INPUT_CHARS."""
     if len(text) > MAX_INPUT_CHARS:
@@ -84,7 +104,8 @@ class SourceItem:
     ) -> SourceItem:
         """The item of an unusable entry: keyed and shown by its text."""
         shown = entry_text(text)
-        return cls(index, shown, fields or {}, input=shown, problem=(reason, message[:500]))
+        problem = (reason, clean_text(message[:500]))
+        return cls(index, shown, fields or {}, input=shown, problem=problem)
 
     @property
     def key(self) -> str:

@@ -37,7 +37,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.stages.base import Source, SourceItem, clean_text
+from pipeline.stages.base import Source, SourceItem, clean_text, jsonable
 from pipeline.stages.download import url_scheme
 from pipeline.stages.registry import register
 
@@ -206,15 +206,19 @@ class HttpJson(Source):
                 if isinstance(element, dict) and not self.wanted(element):
                     continue
                 index += 1
-                yield self.entry(index, compact(element), partial(self.item, index, element))
+                build = partial(self.item, index, element, page)
+                yield self.entry(index, compact(element), build)
 
-    def item(self, index: int, element: Any) -> SourceItem:
-        """The item of one element; ItemError if it is not an object with a usable link."""
+    def item(self, index: int, element: Any, page: str) -> SourceItem:
+        """The item of one element; ItemError if it is not an object with a usable link.
+        A relative link is taken relative to its page (never as a local path)."""
         options: HttpJsonOptions = self.options  # type: ignore[assignment]
         if not isinstance(element, dict):
             raise ItemError("invalid_input", f"the element is a JSON {json_type(element)}")
         link = checked_link(at(element, options.link), options.link)
-        return SourceItem(index, link, {name: at(element, name) for name in options.fields})
+        url = urljoin(page, link)
+        fields = {name: jsonable(at(element, name)) for name in options.fields}
+        return SourceItem(index, url, fields, input=None if url == link else link)
 
     def documents(self) -> Iterator[tuple[str, Any]]:
         """(URL without query, JSON answer) of each page, in order, while there is a next

@@ -35,7 +35,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ConfigError, ItemError, PipelineError, RunIncompleteError
-from pipeline.stages.base import Source, SourceItem, clean_text
+from pipeline.stages.base import Source, SourceItem, clean_text, jsonable
 from pipeline.stages.outputs import filesystem
 from pipeline.stages.registry import register
 
@@ -259,7 +259,7 @@ def _parquet_entries(handle: Any, column: str, batch_rows: int) -> Iterator[RawE
         for row in batch.to_pylist():
             number += 1
             value = row.get(column)
-            text = value if isinstance(value, str) else json.dumps(_jsonable(row))
+            text = value if isinstance(value, str) else json.dumps(jsonable(row))
             yield number, text, row
 
 
@@ -278,26 +278,6 @@ def list_columns(path: str, kind: str) -> list[str] | None:
             return next(csv.reader(_RowLines(lines), delimiter="\t" if kind == "tsv" else ","), [])
     except Exception:
         return None
-
-
-def _jsonable(value: Any) -> Any:
-    """Field values must survive JSON results, SQLite and parquet: text is cleaned of
-    lone surrogates, other types (dates, bytes, decimals) become text."""
-    if isinstance(value, str):
-        return clean_text(value)
-    if value is None or isinstance(value, bool | int) or _finite(value):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(element) for element in value]
-    if isinstance(value, dict):
-        return {clean_text(str(key)): _jsonable(element) for key, element in value.items()}
-    if isinstance(value, bytes):
-        return clean_text(value.decode("utf-8", "surrogateescape"))
-    return clean_text(str(value))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, float) and value - value == 0  # not inf, -inf or nan
 
 
 def url_text(value: Any, column: str) -> str:
@@ -357,7 +337,7 @@ class UrlList(Source):
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
         options: UrlListOptions = self.options  # type: ignore[assignment]
         names = options.fields if options.fields is not None else list(row)
-        return {name: _jsonable(row.get(name)) for name in names if name != options.column}
+        return {name: jsonable(row.get(name)) for name in names if name != options.column}
 
     def _entries(self) -> Iterator[RawEntry]:
         """Every entry of the list. A list that cannot be opened stops the run; one that
