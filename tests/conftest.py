@@ -59,3 +59,25 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+# Hypothesis profiles (issue 17): "ci" (the default) is derandomized with a fixed example
+# count, so a run is bounded and repeatable; HYPOTHESIS_PROFILE=dev explores more.
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_FIXTURES = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=25,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_FIXTURES,
+)
+settings.register_profile(
+    "dev", max_examples=300, deadline=None, print_blob=True, suppress_health_check=_SLOW_FIXTURES
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
