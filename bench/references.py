@@ -24,7 +24,7 @@ from pathlib import Path
 import urllib3
 from PIL import Image
 
-from pipeline.stages.thumbnail import fit_inside
+from pipeline.stages.shared.imaging import fit_inside
 
 BOX = (256, 256)
 QUALITY = 85

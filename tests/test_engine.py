@@ -12,7 +12,7 @@ from pipeline.errors import RunIncompleteError
 from pipeline.execution.backends import DistributedBackend, ThreadsBackend
 from pipeline.execution.engine import _Stream, execute
 from pipeline.execution.runner import RunRequest, prepare
-from pipeline.stages.base import Partition, SourceItem
+from pipeline.records import Partition, SourceItem
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import REASONS
-from pipeline.stages.base import Item, JobContext, Record, SourceItem, item_key
+from pipeline.records import Item, JobContext, Record, SourceItem, item_key
 from pipeline.stages.decode import Decode, DecodeOptions
 from pipeline.stages.download import Download, DownloadOptions
-from pipeline.stages.outputs import atomic_write, output_name
+from pipeline.stages.shared.encoding import flatten
 from pipeline.stages.thumbnail import Thumbnail, ThumbnailOptions
-from pipeline.stages.write_images import flatten
+from pipeline.storage import atomic_write, output_name
 from tests.hostile_cases import BLUE, RED, encode, hostile_images
 
 WHITE = (255, 255, 255)

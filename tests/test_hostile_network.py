@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.base import Item, JobContext, Record, SourceItem
+from pipeline.records import Item, JobContext, Record, SourceItem
 from pipeline.stages.download import Download, DownloadOptions
 from pipeline.stages.download.policy import AllowEntry, parse_retry_after
 from pipeline.testing import server as misbehave

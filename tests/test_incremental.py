@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.execution.runner import RunRequest, run
 from pipeline.plan import build_plan
-from pipeline.stages.base import SourceItem
+from pipeline.records import SourceItem
 from pipeline.state.lineage import sink_fingerprints
 from pipeline.state.manifest import Attempt, Manifest
 from pipeline.testing.images import photo, png_bytes

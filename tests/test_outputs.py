@@ -9,8 +9,8 @@ import stat
 import pytest
 
 from pipeline.errors import RunIncompleteError
-from pipeline.stages import outputs
-from pipeline.stages.outputs import atomic_write, durable_batch
+from pipeline import storage as outputs
+from pipeline.storage import atomic_write, durable_batch
 
 
 def test_outputs_get_the_usual_file_mode(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.execution.runner import RunRequest, run
-from pipeline.stages.base import JobContext
+from pipeline.records import JobContext
 from pipeline.stages.http_json import HttpJson, HttpJsonOptions
 from pipeline.testing import server as misbehave
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.stages.base import JobContext
+from pipeline.records import JobContext
 from pipeline.stages.files import Files, FilesOptions
 from tests.stage_jobs import records, run_job
 

@@ -12,7 +12,7 @@ import fsspec
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.stages.base import JobContext
+from pipeline.records import JobContext
 from pipeline.stages.files import Files, FilesOptions
 from pipeline.stages.url_list import UrlList, UrlListOptions
 from tests.stage_jobs import records, run_job, write_photos

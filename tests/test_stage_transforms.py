@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 from pydantic import ValidationError
 
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, JobContext, SourceItem
+from pipeline.records import Item, JobContext, SourceItem
 from pipeline.stages.registry import stage_kinds
 from pipeline.testing.images import photo
 from tests.stage_jobs import records, run_job, write_photos

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.plan import build_plan
-from pipeline.stages.base import Item
+from pipeline.records import Item
 from pipeline.testing.images import jpeg_bytes, photo
 
 

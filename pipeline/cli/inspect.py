@@ -20,8 +20,8 @@ from pipeline.execution.worker import sinks_below
 from pipeline.plan import Plan
 from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
 from pipeline.plan.schema import schema_text
-from pipeline.stages.outputs import output_folder
 from pipeline.state.results import REPORT_FILE, RESULTS_FILE
+from pipeline.storage import output_folder
 
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 GRAPH_FORMATS = ("mermaid", "dot", *RENDER_FORMATS)

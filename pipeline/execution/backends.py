@@ -24,7 +24,7 @@ from pipeline.config import BackendConfig
 from pipeline.config.model import suggest
 from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.plan import Plan
-from pipeline.stages.base import Partition
+from pipeline.records import Partition
 from pipeline.stages.registry import stage_modules
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from pipeline.execution.backends import Backend
 from pipeline.execution.worker import run_partition
 from pipeline.logs import logger
 from pipeline.plan import Plan, partitions
-from pipeline.stages.base import Item, Partition, Record
+from pipeline.records import Item, Partition, Record
 
 OnRecords = Callable[[list[Record]], None]
 

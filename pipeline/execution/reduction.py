@@ -1,5 +1,5 @@
 """Run the plan's reducing stages: collect per-partition summaries, tree-reduce them on the
-backend, and conclude on the client (see `pipeline.stages.reducing`).
+backend, and conclude on the client (see `pipeline.stages.shared.reducing`).
 
 A reducer that acts on items before they are written (`dedupe` with `drop: true`)
 needs its result before the main pass: `first_pass` then runs only the stages it
@@ -17,9 +17,9 @@ from pipeline.execution.backends import Backend
 from pipeline.execution.engine import execute, plan_partitions
 from pipeline.execution.worker import compiled
 from pipeline.plan import Plan
-from pipeline.stages.base import Record
-from pipeline.stages.reducing import Reducer
+from pipeline.records import Record
 from pipeline.stages.registry import stage_kinds
+from pipeline.stages.shared.reducing import Reducer
 
 After = Callable[[Executor | None], None]
 

@@ -23,7 +23,7 @@ from pipeline.execution.reduction import After, Reductions
 from pipeline.execution.worker import sinks_below
 from pipeline.logs import logger
 from pipeline.plan import Plan, build_plan, stage_problems
-from pipeline.stages.base import Partition, Record
+from pipeline.records import Partition, Record
 from pipeline.state.history import append_history, new_run_id
 from pipeline.state.incremental import Incremental, Policy
 from pipeline.state.lineage import sink_fingerprints

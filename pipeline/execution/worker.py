@@ -16,9 +16,10 @@ import threading
 from dataclasses import dataclass
 
 from pipeline.plan import Plan
-from pipeline.stages.base import Item, Partition, Record, Step
-from pipeline.stages.outputs import durable_batch
-from pipeline.stages.reducing import is_output
+from pipeline.records import Item, Partition, Record
+from pipeline.stages.base import Step
+from pipeline.stages.shared.reducing import is_output
+from pipeline.storage import durable_batch
 
 _compiled: dict[str, CompiledPlan] = {}
 _compile_lock = threading.Lock()

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from pipeline.config import ConfigDocument, JobConfig, Options, StageConfig
 from pipeline.config.model import suggest, validate_model
 from pipeline.errors import ConfigError
-from pipeline.stages.base import JobContext, Source, Stage
+from pipeline.records import JobContext
+from pipeline.stages.base import Source, Stage
 from pipeline.stages.registry import stage_kinds
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
-from pipeline.stages.base import Partition, SourceItem
+from pipeline.records import Partition, SourceItem
 
 
 def partitions(

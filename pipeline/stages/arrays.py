@@ -14,10 +14,10 @@ import numpy as np
 from pydantic import Field, PositiveInt
 
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item
-from pipeline.stages.outputs import AtomicFile, write_output
+from pipeline.records import Item
 from pipeline.stages.registry import register
-from pipeline.stages.shards import ShardedSink, ShardOptions
+from pipeline.stages.shared.shards import ShardedSink, ShardOptions
+from pipeline.storage import AtomicFile, write_output
 
 
 class ArraysOptions(ShardOptions):

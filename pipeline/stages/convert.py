@@ -8,9 +8,9 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.config.model import Options
-from pipeline.stages.imaging import ImageStep
 from pipeline.stages.registry import register
-from pipeline.stages.write_images import flatten
+from pipeline.stages.shared.encoding import flatten
+from pipeline.stages.shared.imaging import ImageStep
 
 
 class ConvertOptions(Options):

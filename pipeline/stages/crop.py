@@ -7,8 +7,8 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.imaging import ImageStep
 from pipeline.stages.registry import register
+from pipeline.stages.shared.imaging import ImageStep
 
 
 class CropOptions(Options):

@@ -22,9 +22,10 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Stage, Step
+from pipeline.records import Item
+from pipeline.stages.base import Stage, Step
 from pipeline.stages.registry import register
-from pipeline.stages.thumbnail import fit_inside
+from pipeline.stages.shared.imaging import fit_inside
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 Format = Literal["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]

@@ -12,7 +12,7 @@ listed as its duplicates. With `drop: true` the duplicates are also skipped
 never written: that needs the groups before the main pass, so the stages up to
 `dedupe` run once first (a second download and decode, no writes).
 
-How it fits the DAG and Dask (see `pipeline.stages.reducing`): a partition's
+How it fits the DAG and Dask (see `pipeline.stages.shared.reducing`): a partition's
 records carry each image's 64-bit hash. On the client each finished partition
 becomes a small summary, three flat numpy arrays (20-byte keys, input indices,
 hashes) plus group labels: about 40 bytes an image, never pixels. A key is one
@@ -44,10 +44,10 @@ from pydantic import Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Partition, Record
-from pipeline.stages.outputs import join, write_output
-from pipeline.stages.reducing import Reducer
+from pipeline.records import Item, Partition, Record
 from pipeline.stages.registry import register
+from pipeline.stages.shared.reducing import Reducer
+from pipeline.storage import join, write_output
 
 PAIR_CHUNK = 4_000_000  # hash comparisons per array operation (~32 MB of uint64)
 

@@ -30,9 +30,10 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.stages.base import Source, SourceItem, clean_text
-from pipeline.stages.outputs import filesystem
+from pipeline.records import SourceItem, clean_text
+from pipeline.stages.base import Source
 from pipeline.stages.registry import register
+from pipeline.storage import filesystem
 
 GLOB_CHARACTERS = re.compile(r"[*?[]")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")

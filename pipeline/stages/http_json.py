@@ -37,9 +37,10 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.stages.base import Source, SourceItem, clean_text, jsonable
-from pipeline.stages.download import url_scheme
+from pipeline.records import SourceItem, clean_text, jsonable
+from pipeline.stages.base import Source
 from pipeline.stages.registry import register
+from pipeline.stages.shared.urls import url_scheme
 
 CHUNK = 64 * 1024
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}

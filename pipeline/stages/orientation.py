@@ -8,9 +8,8 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.config.model import Options
-from pipeline.stages.imaging import ImageStep
 from pipeline.stages.registry import register
-from pipeline.stages.thumbnail import RESAMPLING
+from pipeline.stages.shared.imaging import RESAMPLING, ImageStep
 
 RIGHT_ANGLES = {
     90: Image.Transpose.ROTATE_90,

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from pipeline.stages.base import Item
-from pipeline.stages.outputs import AtomicFile, metadata
+from pipeline.records import Item
 from pipeline.stages.registry import register
-from pipeline.stages.shards import ShardedSink, ShardOptions
-from pipeline.stages.write_images import EncodeOptions, encode, require_image
+from pipeline.stages.shared.encoding import EncodeOptions, encode, require_image
+from pipeline.stages.shared.shards import ShardedSink, ShardOptions
+from pipeline.storage import AtomicFile, metadata
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -18,8 +18,8 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.config.model import Options
-from pipeline.stages.imaging import AnalysisStep
 from pipeline.stages.registry import register
+from pipeline.stages.shared.imaging import AnalysisStep
 
 HASH_BITS = 64
 

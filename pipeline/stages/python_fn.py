@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import CORE_KEYS, Item, Step
+from pipeline.records import CORE_KEYS, Item
+from pipeline.stages.base import Step
 from pipeline.stages.registry import register
 
 

@@ -16,9 +16,8 @@ from PIL import Image, ImageOps
 from pydantic import Field, PositiveInt
 
 from pipeline.config.model import Options
-from pipeline.stages.imaging import ImageStep
 from pipeline.stages.registry import register
-from pipeline.stages.thumbnail import RESAMPLING, Resampling
+from pipeline.stages.shared.imaging import RESAMPLING, ImageStep, Resampling
 
 
 class ResizeOptions(Options):

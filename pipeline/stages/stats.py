@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.stages.imaging import AnalysisStep
 from pipeline.stages.registry import register
+from pipeline.stages.shared.imaging import AnalysisStep
 
 
 def laplacian_variance(gray: np.ndarray) -> float:

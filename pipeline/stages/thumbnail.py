@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from PIL import Image
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from pipeline.config.model import Options
-from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Step
+from pipeline.records import Item
+from pipeline.stages.base import Step
 from pipeline.stages.registry import register
-
-RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST,
-    "box": Image.Resampling.BOX,
-    "bilinear": Image.Resampling.BILINEAR,
-    "hamming": Image.Resampling.HAMMING,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-Resampling = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]
+from pipeline.stages.shared.imaging import RESAMPLING, Resampling, fit_inside, image_of
 
 
 class ThumbnailOptions(Options):
@@ -29,15 +17,6 @@ class ThumbnailOptions(Options):
     reducing_gap: PositiveFloat | None = Field(
         2.0, description="Shrink by integer steps first while above gap x size (fast); null: off"
     )
-
-
-def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """The largest size with `size`'s aspect ratio that fits in `box` (never upscales)."""
-    width, height = size
-    if width <= box[0] and height <= box[1]:
-        return size
-    scale = min(box[0] / width, box[1] / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 @register("thumbnail")
@@ -55,11 +34,7 @@ class Thumbnail(Step):
 
     def process(self, item: Item) -> Item:
         options: ThumbnailOptions = self.options  # type: ignore[assignment]
-        image: Image.Image = item.data
-        if not isinstance(image, Image.Image):
-            raise ItemError(
-                "transform_error", f"{self.name} needs an image; put a decode before it"
-            )
+        image = image_of(item, self.name)
         target = fit_inside(image.size, options.size)
         if target == image.size:
             return item.derive(image)

@@ -13,9 +13,10 @@ from pydantic import Field, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Step
-from pipeline.stages.imaging import image_of
+from pipeline.records import Item
+from pipeline.stages.base import Step
 from pipeline.stages.registry import register
+from pipeline.stages.shared.imaging import image_of
 
 
 class ToArrayOptions(Options):

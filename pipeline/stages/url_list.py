@@ -35,9 +35,10 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ConfigError, ItemError, PipelineError, RunIncompleteError
-from pipeline.stages.base import Source, SourceItem, clean_text, jsonable
-from pipeline.stages.outputs import filesystem
+from pipeline.records import SourceItem, clean_text, jsonable
+from pipeline.stages.base import Source
 from pipeline.stages.registry import register
+from pipeline.storage import filesystem
 
 Format = Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"]
 SUFFIXES = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import tarfile
 
-from pipeline.stages.base import Item
-from pipeline.stages.outputs import AtomicFile, metadata_json
+from pipeline.records import Item
 from pipeline.stages.registry import register
-from pipeline.stages.shards import ShardedSink, ShardOptions
-from pipeline.stages.write_images import EXTENSIONS, EncodeOptions, encode, require_image
+from pipeline.stages.shared.encoding import EXTENSIONS, EncodeOptions, encode, require_image
+from pipeline.stages.shared.shards import ShardedSink, ShardOptions
+from pipeline.storage import AtomicFile, metadata_json
 
 Sample = tuple[str, bytes, bytes]
 

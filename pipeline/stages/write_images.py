@@ -6,16 +6,15 @@ its key, URL, source fields (e.g. id, caption) and what stages added (size, stat
 
 from __future__ import annotations
 
-import io
-from typing import Annotated, Literal
+from typing import Annotated
 
-from PIL import Image
 from pydantic import AfterValidator, Field
 
-from pipeline.config.model import Options
-from pipeline.stages.base import Item, Sink, Stage
-from pipeline.stages.imaging import image_of
-from pipeline.stages.outputs import (
+from pipeline.records import Item
+from pipeline.stages.base import Sink, Stage
+from pipeline.stages.registry import register
+from pipeline.stages.shared.encoding import EXTENSIONS, EncodeOptions, encode, require_image
+from pipeline.storage import (
     checked_location,
     join,
     metadata_json,
@@ -23,21 +22,6 @@ from pipeline.stages.outputs import (
     output_name,
     write_output,
 )
-from pipeline.stages.registry import register
-
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-HAS_ALPHA = {"png", "webp"}
-ImageFormat = Literal["jpeg", "png", "webp"]
-
-
-class EncodeOptions(Options):
-    """How a sink encodes images: shared by every sink that stores encoded pictures."""
-
-    format: ImageFormat = Field("jpeg", description="Output format")
-    quality: int = Field(85, ge=1, le=100, description="JPEG/WebP quality")
-    background: tuple[int, int, int] = Field(
-        (255, 255, 255), description="RGB colour that transparent pixels are flattened onto"
-    )
 
 
 class WriteImagesOptions(EncodeOptions):
@@ -45,32 +29,6 @@ class WriteImagesOptions(EncodeOptions):
         description="Folder or fsspec URL to write into; relative paths are inside the run dir"
     )
     sidecar: bool = Field(False, description="Also write <name>.json with the item's metadata")
-
-
-def flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Composite an image with alpha onto an opaque background."""
-    if image.mode not in ("RGBA", "LA"):
-        return image
-    rgba = image.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, (*background, 255))
-    return Image.alpha_composite(base, rgba).convert("RGB")
-
-
-def encode(image: Image.Image, options: EncodeOptions) -> bytes:
-    """Re-encode the pixels (never the input bytes) in the configured format."""
-    if options.format not in HAS_ALPHA:
-        image = flatten(image, options.background)
-    buffer = io.BytesIO()
-    if options.format == "png":
-        image.save(buffer, "PNG")
-    else:
-        image.save(buffer, options.format.upper(), quality=options.quality)
-    return buffer.getvalue()
-
-
-def require_image(item: Item, stage: str) -> Image.Image:
-    """The image a sink encodes; anything else fails the item as a write error."""
-    return image_of(item, stage, reason="write_error")
 
 
 @register("write_images")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from pipeline.errors import RETRYABLE_REASONS
-from pipeline.stages.base import Partition, Record, SourceItem
+from pipeline.records import Partition, Record, SourceItem
 from pipeline.state.lineage import digest
 from pipeline.state.manifest import Attempt, Entry, Manifest
 

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from pipeline.plan import Plan
-from pipeline.stages.reducing import is_output
+from pipeline.stages.shared.reducing import is_output
 
 
 def digest(value: Any) -> str:

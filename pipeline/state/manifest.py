@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.stages.base import Record, SourceItem, clean_text
+from pipeline.records import Record, SourceItem, clean_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.stages.base import Record
-from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, fsync_path
+from pipeline.records import Record
+from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, fsync_path
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.json"

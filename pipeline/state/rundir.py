@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import logs
 from pipeline.plan import Plan
-from pipeline.stages.outputs import TEMP_PREFIX, TEMP_SUFFIX, output_folder
+from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX, output_folder
 
 MANIFEST_FILE = "manifest.sqlite"
 HISTORY_FILE = "history.jsonl"

@@ -22,7 +22,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.stages.base import Item, Source, SourceItem, Stage, Step
+from pipeline.records import Item, SourceItem
+from pipeline.stages.base import Source, Stage, Step
 
 ENV = "PIPELINE_FAULTS"
 

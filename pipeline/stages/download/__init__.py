@@ -15,12 +15,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Record, Step
+from pipeline.records import Item, Record
+from pipeline.stages.base import Step
 from pipeline.stages.download.fsspec_io import read_fsspec
 from pipeline.stages.download.http import HostSlots, fetcher_for, use_host_slots
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.registry import register
+from pipeline.stages.shared.urls import url_scheme
 
 
 @register("download")
@@ -102,20 +104,6 @@ def _download_threads(concurrency: int, per_host: int) -> ThreadPoolExecutor:
             initargs=(HostSlots(per_host),),
         )
     return pools[concurrency, per_host]
-
-
-def url_scheme(url: str) -> str:
-    """The lower-case scheme; '' (a plain path) counts as 'file'."""
-    if "\x00" in url or any(ch in url for ch in "\r\n"):
-        raise ItemError("invalid_url", "the URL contains NUL or a line break")
-    try:
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and not parts.hostname:
-            raise ItemError("invalid_url", f"no host in {url[:200]!r}")
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ItemError("invalid_url", f"{exc}: {url[:200]!r}") from None
-    return parts.scheme.lower() or "file"
 
 
 def local_path(url: str) -> str:

@@ -29,7 +29,7 @@ from urllib3.exceptions import (
 )
 
 from pipeline.errors import ItemError
-from pipeline.stages.base import Record
+from pipeline.records import Record
 from pipeline.stages.download.deadline import Deadline, watch_current, within_deadline
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.download.policy import (

@@ -35,7 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.stages.base import Record
+from pipeline.records import Record
 
 # Errors that no other item could avoid either: stop the run instead of failing every item.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}

@@ -1,11 +1,34 @@
-"""The base of image transforms: a step whose payload is a Pillow image, in and out."""
+"""Imaging that kinds share: resampling filters, fitting a size in a box, and the bases of
+image transforms (a step whose payload is a Pillow image, in and out) and analyses."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from PIL import Image
 
 from pipeline.errors import ItemError
-from pipeline.stages.base import Item, Step
+from pipeline.records import Item
+from pipeline.stages.base import Step
+
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+Resampling = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]
+
+
+def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The largest size with `size`'s aspect ratio that fits in `box` (never upscales)."""
+    width, height = size
+    if width <= box[0] and height <= box[1]:
+        return size
+    scale = min(box[0] / width, box[1] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def image_of(item: Item, stage: str, reason: str = "transform_error") -> Image.Image:

@@ -23,8 +23,9 @@ from pydantic import AfterValidator, Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, PipelineError
-from pipeline.stages.base import Item, Partition, Sink
-from pipeline.stages.outputs import (
+from pipeline.records import Item, Partition
+from pipeline.stages.base import Sink
+from pipeline.storage import (
     AtomicFile,
     checked_location,
     ensure_parent,

@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config.model import Options
-from pipeline.stages.base import Record, Step
+from pipeline.records import Record
+from pipeline.stages.base import Step
 from pipeline.stages.registry import stage_kinds
 
 

@@ -1,0 +1,1 @@
+"""Code that stage kinds share. A kind imports these, never another kind."""
