@@ -68,6 +68,8 @@ def _finite(value: Any) -> bool:
 
 def entry_text(text: str) -> str:
     """An entry's original text as a record keeps it: clean, and at most MAX_INPUT_CHARS."""
+    if len(text) <= MAX_INPUT_CHARS and text.isascii():
+        return text  # the common case, at no cost
     if len(text) > MAX_INPUT_CHARS:
         text = f"{text[:MAX_INPUT_CHARS]}... ({len(text) - MAX_INPUT_CHARS} more characters)"
     return clean_text(text)
@@ -108,7 +110,7 @@ class SourceItem:
             "key": self.key,
             "index": self.index,
             "url": self.url,
-            "input": self.url if self.input is None else self.input,
+            "input": entry_text(self.url if self.input is None else self.input),
             "status": "ok",
             "stage": None,
             "reason": None,

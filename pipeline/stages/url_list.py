@@ -152,9 +152,11 @@ def read_lines(handle: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[Line]
 
 
 def _raw_lines(handle: IO[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
-    """(bytes of a line, whether it was cut at `limit`), reading READ_BYTES at a time."""
+    """(bytes of a line, whether it was cut at `limit`), reading up to READ_BYTES at a time
+    (`read1` where there is one: a stream that breaks off gives up what came before)."""
+    read = getattr(handle, "read1", handle.read)
     line, cut = b"", False
-    while chunk := handle.read(READ_BYTES):
+    while chunk := read(READ_BYTES):
         *complete, rest = chunk.split(b"\n")
         for piece in complete:
             yield _extend(line, cut, piece, limit)
@@ -233,6 +235,8 @@ def _csv_entries(lines: Iterable[Line], delimiter: str) -> Iterator[RawEntry]:
         except StopIteration:
             return
         except csv.Error as exc:
+            if header is None:  # no header: no row can be read
+                raise ValueError(f"the header row is not valid CSV: {exc}") from None
             number, text, _ = feed.take()
             yield number, text, ItemError("invalid_input", f"not valid CSV: {exc}")
             continue
@@ -330,9 +334,12 @@ class UrlList(Source):
                 keys = ", ".join(map(str, row))[:200]
                 raise ItemError("invalid_input", f"no '{column}' key (keys: {keys})")
             cell = url_text(row[column], column)
+        except ItemError as error:  # no URL text: the row shows what the entry was
+            return SourceItem.invalid(number, text, error.reason, error.message, fields)
+        try:
             url = resolve(cell.strip(), base)
         except ItemError as error:
-            return SourceItem.invalid(number, text, error.reason, error.message, fields)
+            return SourceItem.invalid(number, cell, error.reason, error.message, fields)
         return SourceItem(number, url, fields, input=None if url == cell else cell)
 
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:

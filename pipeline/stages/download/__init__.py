@@ -107,5 +107,9 @@ def _download_threads(concurrency: int, per_host: int) -> ThreadPoolExecutor:
 
 
 def local_path(url: str) -> str:
+    """The path a `file:` URL (or a plain path) names; ItemError if it holds a NUL (`%00`)."""
     parts = urlsplit(url)
-    return unquote(parts.path) if parts.scheme.lower() == "file" else url
+    path = unquote(parts.path) if parts.scheme.lower() == "file" else url
+    if "\x00" in path:
+        raise ItemError("invalid_url", f"the path contains NUL: {url[:200]!r}")
+    return path
