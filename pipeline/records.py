@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from pipeline.errors import ItemError
-
-Record = dict[str, Any]
 
 
 def item_key(url: str) -> str:
@@ -27,11 +25,34 @@ def item_key(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
-# The keys of a record that the pipeline keeps (a stage's own results go elsewhere).
-CORE_KEYS = frozenset(
-    {"key", "index", "url", "input", "status", "stage", "reason", "message", "outputs"}
-    | {"sink_outputs", "timings", "attempts", "fields"}
-)
+class Entry(TypedDict):
+    """What a record says about its input entry: kept with the item's outputs."""
+
+    key: str  # a hash of the URL: names the item in the manifest and in output names
+    index: int  # the entry's line (or row) number
+    url: str
+
+
+class Outcome(TypedDict, total=False):
+    """What a record says about this run's work on the entry: never stored with outputs."""
+
+    input: str  # the entry's original text (at most MAX_INPUT_CHARS)
+    status: str  # ok | failed | skipped
+    stage: str | None  # where it failed, or was skipped
+    reason: str | None  # a code of pipeline.errors.REASONS
+    message: str | None
+    outputs: list[str]
+    sink_outputs: dict[str, list[str]]  # the outputs by sink that wrote them
+    timings: dict[str, float]  # seconds per stage
+    attempts: int  # downloads tried
+
+
+# A record is a JSON-able dict: `Entry` and `Outcome` are its typed core; stages add
+# what they measure (`bytes`, `width`, ...), per-stage results under `results`, and the
+# list's other columns under `fields`.
+Record = dict[str, Any]
+OUTCOME_KEYS = frozenset(Outcome.__annotations__)
+CORE_KEYS = frozenset(Entry.__annotations__) | OUTCOME_KEYS | {"fields"}
 # A record keeps at most this much of an entry's original text (`input`).
 MAX_INPUT_CHARS = 4096
 

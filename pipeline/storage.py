@@ -35,7 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.records import Record
+from pipeline.records import OUTCOME_KEYS, Record
 
 # Errors that no other item could avoid either: stop the run instead of failing every item.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -45,18 +45,6 @@ TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_STEM = 40
 SPOOL_BYTES = 64 * 1024 * 1024
-# Record keys that describe the run rather than the item: left out of output metadata.
-_RUN_KEYS = (
-    "status",
-    "stage",
-    "reason",
-    "message",
-    "outputs",
-    "sink_outputs",
-    "timings",
-    "attempts",
-    "input",
-)
 
 
 def safe_stem(url: str) -> str:
@@ -75,8 +63,8 @@ def output_name(record: Record, extension: str, suffix: str = "") -> str:
 
 
 def metadata(record: Record) -> dict[str, Any]:
-    """What a sink stores beside an item: the record without its run bookkeeping."""
-    return {key: value for key, value in record.items() if key not in _RUN_KEYS}
+    """What a sink stores beside an item: the record without this run's `Outcome`."""
+    return {key: value for key, value in record.items() if key not in OUTCOME_KEYS}
 
 
 def metadata_json(record: Record) -> bytes:
