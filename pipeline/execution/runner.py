@@ -20,7 +20,6 @@ from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
 from pipeline.execution.backends import Backend, backend_class
 from pipeline.execution.engine import OnRecords, execute, plan_partitions
 from pipeline.execution.reduction import After, Reductions
-from pipeline.execution.worker import sinks_below
 from pipeline.logs import logger
 from pipeline.plan import Plan, build_plan, stage_problems
 from pipeline.records import Partition, Record
@@ -170,7 +169,7 @@ def _process(
         incremental = Incremental(
             manifest,
             sink_fingerprints(plan),
-            {source: sinks_below(plan)[source] for source in plan.sources},
+            {source: plan.sinks_below(source) for source in plan.sources},
             policy,
             plan.config.partition_size,
             on_skipped=add,

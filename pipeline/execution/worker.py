@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pipeline.plan import Plan
 from pipeline.records import Item, Partition, Record
 from pipeline.stages.base import Step
-from pipeline.stages.shared.reducing import is_output
 from pipeline.storage import durable_batch
 
 _compiled: dict[str, CompiledPlan] = {}
@@ -48,12 +47,9 @@ def compiled(plan: Plan) -> CompiledPlan:
 
 
 def sinks_below(plan: Plan) -> dict[str, frozenset[str]]:
-    """For every stage, the sinks (and reducers) its output reaches (one reaches itself)."""
-    below: dict[str, frozenset[str]] = {}
-    for node in reversed(plan.nodes):
-        own = {node.name} if is_output(node) else set()
-        below[node.name] = frozenset(own.union(*(below[c] for c in plan.consumers(node.name))))
-    return below
+    """Every stage's `Plan.sinks_below`, as one mapping. (Kept for `pipeline.cli.inspect`,
+    which still imports it from here.)"""
+    return {node.name: plan.sinks_below(node.name) for node in plan.nodes}
 
 
 def run_partition(plan: Plan, partition: Partition) -> list[Record]:

@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.records import JobContext
 from pipeline.stages.base import Source, Stage
 from pipeline.stages.registry import stage_kinds
+from pipeline.stages.shared.reducing import Reducer
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,30 @@ class Plan:
 
     def consumers(self, name: str) -> tuple[str, ...]:
         return tuple(node.name for node in self.nodes if name in node.inputs)
+
+    @cached_property
+    def reducers(self) -> tuple[str, ...]:
+        """The reducing stages (see `pipeline.stages.shared.reducing`), in plan order."""
+        kinds = stage_kinds()
+        return tuple(node.name for node in self.nodes if issubclass(kinds[node.kind], Reducer))
+
+    def is_output(self, name: str) -> bool:
+        """A stage whose result a run keeps: a sink, or a reducer (its result is the
+        report's). Items are routed to outputs, and the manifest tracks each one."""
+        return self.by_name[name].role == "sink" or name in self.reducers
+
+    def sinks_below(self, name: str) -> frozenset[str]:
+        """The outputs (sinks and reducers) that stage `name`'s output reaches; an output
+        reaches itself. A stage that reaches none never needs to run."""
+        return self._outputs_below[name]
+
+    @cached_property
+    def _outputs_below(self) -> dict[str, frozenset[str]]:
+        below: dict[str, frozenset[str]] = {}
+        for node in reversed(self.nodes):  # consumers first
+            own = {node.name} if self.is_output(node.name) else set()
+            below[node.name] = frozenset(own.union(*(below[c] for c in self.consumers(node.name))))
+        return below
 
     @property
     def sources(self) -> tuple[str, ...]:

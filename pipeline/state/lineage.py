@@ -14,7 +14,6 @@ import json
 from typing import Any
 
 from pipeline.plan import Plan
-from pipeline.stages.shared.reducing import is_output
 
 
 def digest(value: Any) -> str:
@@ -33,4 +32,4 @@ def sink_fingerprints(plan: Plan) -> dict[str, str]:
             continue
         inputs = [[name, lineage[name]] for name in node.inputs]
         lineage[node.name] = digest([node.kind, stages[node.name].fingerprint_data(), inputs])
-    return {node.name: lineage[node.name] for node in plan.nodes if is_output(node)}
+    return {node.name: lineage[node.name] for node in plan.nodes if plan.is_output(node.name)}

@@ -24,7 +24,6 @@ from typing import Any
 from pipeline.config.model import Options
 from pipeline.records import Record
 from pipeline.stages.base import Step
-from pipeline.stages.registry import stage_kinds
 
 
 class Reducer(Step):
@@ -49,9 +48,3 @@ class Reducer(Step):
 
     def conclude(self, summary: Any) -> dict[str, Any]:
         raise NotImplementedError
-
-
-def is_output(node: Any) -> bool:
-    """A stage whose result a run keeps: a sink, or a reducer (its result is the report's).
-    Items are routed to outputs, and the manifest tracks each one."""
-    return node.role == "sink" or issubclass(stage_kinds()[node.kind], Reducer)
