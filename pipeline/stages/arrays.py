@@ -1,7 +1,8 @@
 """`arrays`: fixed-size images as one numpy array per partition shard, keys alongside.
 
-Each shard is `<prefix>-<partition>-<n>.npy` holding a stacked (N, H, W[, C]) array
-and `<same>.keys.json` listing the N item keys in order. Input is a Pillow image
+Each shard is `<prefix>-<digest>.npy` (the digest: 16 hex digits of a hash of the keys
+it holds, as every sharded sink names its files) holding a stacked (N, H, W[, C]) array,
+and `<prefix>-<digest>.keys.json` beside it lists the N item keys in order. Input is a Pillow image
 or an array from `to_array`; every item must have `shape` (put a `resize` with
 `mode: cover`, `pad` or `stretch` before it), or it fails as a transform error.
 """
@@ -27,7 +28,7 @@ class ArraysOptions(ShardOptions):
 
 
 @register("arrays")
-class Arrays(ShardedSink):
+class Arrays(ShardedSink[ArraysOptions]):
     """Stack fixed-size images into .npy shards with their keys."""
 
     Options = ArraysOptions
@@ -36,7 +37,7 @@ class Arrays(ShardedSink):
 
     def row(self, item: Item) -> tuple[str, np.ndarray]:
         array = np.asarray(item.data)
-        expected = tuple(self.options.shape)  # type: ignore[attr-defined]
+        expected = tuple(self.options.shape)
         if array.shape != expected:
             raise ItemError(
                 "transform_error",

@@ -13,6 +13,11 @@ The data they pass (`SourceItem`, `Item`, its `Record`) is in `pipeline.records`
 Stage objects are shared by the
 threads of a worker, so they keep no per-item state; a stage that needs
 per-partition state (a tar shard) returns a fresh object from `for_partition`.
+
+Every role is generic over its options model: a kind declares
+`class Thumbnail(Step[ThumbnailOptions])`, so `self.options` is a `ThumbnailOptions` to
+a type checker, and also sets `Options = ThumbnailOptions`, the class the plan validates
+a config's options with (and the schema describes).
 """
 
 from __future__ import annotations
@@ -20,26 +25,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, PipelineError
 from pipeline.records import Item, JobContext, Partition, SourceItem, guarded_item
 
+# Inside a stage's class body `Options` names the class attribute, so annotations there
+# use this name for the base model.
+AnyOptions = Options
+OptionsT = TypeVar("OptionsT", bound=AnyOptions)
 
-class Stage:
-    """Base of every stage kind. Subclasses set `kind`, `role` and `Options`."""
+
+class Stage(Generic[OptionsT]):
+    """Base of every stage kind. Subclasses set `kind`, `role` and `Options` (the model
+    `OptionsT` stands for: the one the plan validates the stage's options with)."""
 
     kind: ClassVar[str]
     role: ClassVar[str]
-    Options: ClassVar[type[Options]] = Options
+    Options: ClassVar[type[AnyOptions]] = AnyOptions
     description: ClassVar[str] = ""
     # Options that change speed or politeness, never an item's outputs (not fingerprinted).
     tuning_options: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, name: str, options: Options, job: JobContext):
+    def __init__(self, name: str, options: OptionsT, job: JobContext):
         self.name = name
-        self.options = options
+        self.options: OptionsT = options
         self.job = job
 
     def connect(self, consumers: list[Stage]) -> None:
@@ -56,7 +67,7 @@ class Stage:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-class Source(Stage):
+class Source(Stage[OptionsT]):
     """Yields the job's inputs on the client, lazily."""
 
     role = "source"
@@ -73,7 +84,7 @@ class Source(Stage):
         return guarded_item(index, text, build)
 
 
-class Step(Stage):
+class Step(Stage[OptionsT]):
     """Turns one item into another inside a task."""
 
     role = "step"
@@ -95,7 +106,7 @@ class Step(Stage):
         the output must fill the box (cover, stretch): each side must reach it then."""
         return True
 
-    def for_partition(self, partition: Partition) -> Step:
+    def for_partition(self, partition: Partition) -> Step[OptionsT]:
         """The object that processes one partition; override for per-partition state."""
         return self
 
@@ -128,7 +139,7 @@ class Step(Stage):
         """Called once at the end of the partition (flush a shard, ...)."""
 
 
-class Sink(Step):
+class Sink(Step[OptionsT]):
     """A step that writes items; it returns nothing for further stages."""
 
     role = "sink"

@@ -21,16 +21,15 @@ class ConvertOptions(Options):
 
 
 @register("convert")
-class Convert(ImageStep):
+class Convert(ImageStep[ConvertOptions]):
     """Convert to RGB, L (grey) or RGBA."""
 
     Options = ConvertOptions
     description = "Convert to RGB, L or RGBA, flattening alpha on a background"
 
     def transform(self, image: Image.Image) -> Image.Image:
-        options: ConvertOptions = self.options  # type: ignore[assignment]
-        if image.mode == options.mode:
+        if image.mode == self.options.mode:
             return image
-        if options.mode != "RGBA":
-            image = flatten(image, options.background)
-        return image.convert(options.mode)
+        if self.options.mode != "RGBA":
+            image = flatten(image, self.options.background)
+        return image.convert(self.options.mode)

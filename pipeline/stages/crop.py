@@ -37,17 +37,16 @@ def center_box(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, 
 
 
 @register("crop")
-class Crop(ImageStep):
+class Crop(ImageStep[CropOptions]):
     """Crop a box, or the centre."""
 
     Options = CropOptions
     description = "Crop a pixel box or a centred region"
 
     def transform(self, image: Image.Image) -> Image.Image:
-        options: CropOptions = self.options  # type: ignore[assignment]
-        if options.center:
-            return image.crop(center_box(image.size, options.center))
-        box = options.box
+        if self.options.center:
+            return image.crop(center_box(image.size, self.options.center))
+        box = self.options.box
         assert box is not None
         if box[2] > image.width or box[3] > image.height:
             raise ItemError(

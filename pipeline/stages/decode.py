@@ -27,8 +27,8 @@ from pipeline.stages.base import Stage, Step
 from pipeline.stages.registry import register
 from pipeline.stages.shared.imaging import fit_inside
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 Format = Literal["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]
+DEFAULT_FORMATS: tuple[Format, ...] = ("JPEG", "PNG", "GIF", "WEBP")
 
 # Magic bytes at offset 0 -> format. Allowed formats are opened only with their own
 # plugin; the others are named in the error. Anything unknown is not an image.
@@ -70,7 +70,7 @@ class DecodeOptions(Options):
 
 
 @register("decode")
-class Decode(Step):
+class Decode(Step[DecodeOptions]):
     """Open bytes as an image, safely, and normalise its orientation and mode."""
 
     Options = DecodeOptions
@@ -81,7 +81,7 @@ class Decode(Step):
     def connect(self, consumers: list[Stage]) -> None:
         steps = [c for c in consumers if isinstance(c, Step)]
         sizes = [step.preferred_input_size() for step in steps]
-        if self.options.draft and sizes and all(sizes):  # type: ignore[attr-defined]
+        if self.options.draft and sizes and all(sizes):
             side = max(max(size) for size in sizes if size)
             self.draft_size = (side, side)  # square: still big enough after an EXIF rotation
             self.draft_fitted = all(step.fits_inside_preferred_size() for step in steps)
@@ -92,8 +92,7 @@ class Decode(Step):
         return {**super().fingerprint_data(), **draft}
 
     def process(self, item: Item) -> Item:
-        options: DecodeOptions = self.options  # type: ignore[assignment]
-        image = open_image(item.data, options)
+        image = open_image(item.data, self.options)
         item.record.update(
             width=image.width, height=image.height, format=image.format, mode=image.mode
         )

@@ -89,7 +89,8 @@ def file_item(index: int, text: str, url: str, error: Exception | None) -> Sourc
 
 def split_listing(listing: list[dict[str, Any]], folder: str) -> tuple[list[str], list[str]]:
     """(names that are not folders, subfolders) of a folder's listing, each sorted."""
-    files, folders = [], []
+    files: list[str] = []
+    folders: list[str] = []
     for info in listing:
         path = info["name"].rstrip("/")
         if path != folder.rstrip("/"):
@@ -124,15 +125,14 @@ def may_hold_matches(pattern: str, base: str) -> Callable[[str], bool]:
 
 
 @register("files")
-class Files(Source):
+class Files(Source[FilesOptions]):
     """One item per matching file, as a URL the `download` stage can read."""
 
     Options = FilesOptions
     description = "Files in a folder or glob, local or on any fsspec filesystem"
 
     def iter_items(self) -> Iterator[SourceItem]:
-        options: FilesOptions = self.options  # type: ignore[assignment]
-        fs, root = fsspec.core.url_to_fs(options.path)
+        fs, root = fsspec.core.url_to_fs(self.options.path)
         local = isinstance(fs, LocalFileSystem)
         index = 0
         for path, error in self._listed(fs, root):
@@ -147,7 +147,7 @@ class Files(Source):
         if fs.isfile(root):
             yield root, None
         elif fs.isdir(root):
-            recursive = self.options.recursive  # type: ignore[attr-defined]
+            recursive = self.options.recursive
             yield from self._walk(fs, root, lambda folder: recursive)
         elif GLOB_CHARACTERS.search(root):
             yield from self._glob(fs, root)
@@ -186,5 +186,5 @@ class Files(Source):
             pending.extend(reversed([sub for sub in folders if descend(sub)]))
 
     def _wanted(self, path: str) -> bool:
-        extensions = self.options.extensions  # type: ignore[attr-defined]
+        extensions = self.options.extensions
         return not extensions or path.rsplit(".", 1)[-1].lower() in extensions

@@ -187,20 +187,19 @@ def read_body(response: urllib3.BaseHTTPResponse, cap: int, seconds: float) -> b
 
 
 @register("http_json")
-class HttpJson(Source):
+class HttpJson(Source[HttpJsonOptions]):
     """Image links from a paginated JSON API."""
 
     Options = HttpJsonOptions
     description = "Image links from a JSON API (headers, params, filters, pages)"
 
     def iter_items(self) -> Iterator[SourceItem]:
-        options: HttpJsonOptions = self.options  # type: ignore[assignment]
         index = 0
         for page, document in self.documents():
             if isinstance(document, ItemError):  # a later page failed: paging stops
                 yield SourceItem.invalid(index + 1, page, document.reason, document.message)
                 return
-            found = elements(document, options.items)
+            found = elements(document, self.options.items)
             if not found:
                 return
             for element in found:
@@ -213,38 +212,36 @@ class HttpJson(Source):
     def item(self, index: int, element: Any, page: str) -> SourceItem:
         """The item of one element; ItemError if it is not an object with a usable link.
         A relative link is taken relative to its page (never as a local path)."""
-        options: HttpJsonOptions = self.options  # type: ignore[assignment]
         if not isinstance(element, dict):
             raise ItemError("invalid_input", f"the element is a JSON {json_type(element)}")
-        link = checked_link(at(element, options.link), options.link)
+        link = checked_link(at(element, self.options.link), self.options.link)
         url = urljoin(page, link)
-        fields = {name: jsonable(at(element, name)) for name in options.fields}
+        fields = {name: jsonable(at(element, name)) for name in self.options.fields}
         return SourceItem(index, url, fields, input=None if url == link else link)
 
     def documents(self) -> Iterator[tuple[str, Any]]:
         """(URL without query, JSON answer) of each page, in order, while there is a next
         page to ask for; a later page that fails comes as its ItemError, and is the last."""
-        options: HttpJsonOptions = self.options  # type: ignore[assignment]
-        url, params = options.url, dict(options.params)
-        for page in range(options.start_page, options.start_page + options.pages):
-            if options.page_param:
-                params[options.page_param] = page
+        url, params = self.options.url, dict(self.options.params)
+        for page in range(self.options.start_page, self.options.start_page + self.options.pages):
+            if self.options.page_param:
+                params[self.options.page_param] = page
             target = url.replace("{page}", str(page))
             try:
                 document = self.fetch(target, params)
             except ItemError as error:
-                if page == options.start_page:  # no list at all: nothing to do
+                if page == self.options.start_page:  # no list at all: nothing to do
                     raise RunIncompleteError(f"{self.name}: {error.message}") from None
                 yield _where(target), error
                 return
             yield _where(target), document
-            if options.next_cursor:
-                cursor = at(document, options.next_cursor)
+            if self.options.next_cursor:
+                cursor = at(document, self.options.next_cursor)
                 if cursor in (None, ""):
                     return
-                params[options.cursor_param] = str(cursor)
-            if options.next_url:
-                following = at(document, options.next_url)
+                params[self.options.cursor_param] = str(cursor)
+            if self.options.next_url:
+                following = at(document, self.options.next_url)
                 if not isinstance(following, str) or not following:
                     return
                 try:
@@ -254,7 +251,7 @@ class HttpJson(Source):
                     return
 
     def wanted(self, element: dict[str, Any]) -> bool:
-        where = self.options.where  # type: ignore[attr-defined]
+        where = self.options.where
         return all(at(element, field) in values for field, values in where.items())
 
     def same_origin(self, current: str, following: str) -> str:
@@ -289,35 +286,33 @@ class HttpJson(Source):
 
     def request(self, url: str, params: dict[str, Any]) -> urllib3.BaseHTTPResponse:
         """The response's head; its body is left to read (it may be too large)."""
-        options: HttpJsonOptions = self.options  # type: ignore[assignment]
         retry = urllib3.Retry(
-            total=options.retries,
+            total=self.options.retries,
             backoff_factor=0.5,
             status_forcelist=(429, 500, 502, 503, 504),
             raise_on_status=False,  # the last answer says what failed
             # a redirect to another host gets none of the configured headers (secrets)
             remove_headers_on_redirect=[
                 *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
-                *options.headers,
+                *self.options.headers,
             ],
         )
         return urllib3.request(
             "GET",
             url,
             fields={k: str(v) for k, v in params.items()},
-            headers=options.headers,
-            timeout=options.timeout,
+            headers=self.options.headers,
+            timeout=self.options.timeout,
             retries=retry,
             preload_content=False,
         )
 
     def answer(self, response: urllib3.BaseHTTPResponse) -> Any:
         """The decoded JSON of a 200 answer; ItemError for any other."""
-        options: HttpJsonOptions = self.options  # type: ignore[assignment]
         if response.status != 200:
             text = response.read(200).decode("utf-8", "replace")
             raise ItemError(_status_reason(response.status), f"HTTP {response.status}: {text}")
-        body = read_body(response, options.max_page_bytes, options.timeout)
+        body = read_body(response, self.options.max_page_bytes, self.options.timeout)
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as exc:

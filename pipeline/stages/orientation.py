@@ -34,31 +34,30 @@ class FlipOptions(Options):
 
 
 @register("rotate")
-class Rotate(ImageStep):
+class Rotate(ImageStep[RotateOptions]):
     """Rotate by any angle; multiples of 90 are lossless transposes."""
 
     Options = RotateOptions
     description = "Rotate counter-clockwise (right angles are exact)"
 
     def transform(self, image: Image.Image) -> Image.Image:
-        options: RotateOptions = self.options  # type: ignore[assignment]
-        angle = options.angle % 360
+        angle = self.options.angle % 360
         if angle == 0:
             return image
-        if angle in RIGHT_ANGLES and options.expand:
+        if angle in RIGHT_ANGLES and self.options.expand:
             return image.transpose(RIGHT_ANGLES[int(angle)])
-        fill = options.fill if image.mode != "L" else sum(options.fill) // 3
+        fill = self.options.fill if image.mode != "L" else sum(self.options.fill) // 3
         return image.rotate(
-            angle, RESAMPLING[options.resample], expand=options.expand, fillcolor=fill
+            angle, RESAMPLING[self.options.resample], expand=self.options.expand, fillcolor=fill
         )
 
 
 @register("flip")
-class Flip(ImageStep):
+class Flip(ImageStep[FlipOptions]):
     """Mirror horizontally or vertically."""
 
     Options = FlipOptions
     description = "Mirror left-right or top-bottom"
 
     def transform(self, image: Image.Image) -> Image.Image:
-        return image.transpose(FLIPS[self.options.direction])  # type: ignore[attr-defined]
+        return image.transpose(FLIPS[self.options.direction])

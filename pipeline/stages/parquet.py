@@ -45,7 +45,7 @@ def schema() -> pa.Schema:
 
 
 @register("parquet")
-class Parquet(ShardedSink):
+class Parquet(ShardedSink[ParquetOptions]):
     """Write one parquet row per item, `shard_size` rows per file."""
 
     Options = ParquetOptions
@@ -53,9 +53,8 @@ class Parquet(ShardedSink):
     extension = "parquet"
 
     def row(self, item: Item) -> dict[str, Any]:
-        options: ParquetOptions = self.options  # type: ignore[assignment]
         record = item.record
-        image = require_image(item, self.name) if options.include_bytes else None
+        image = require_image(item, self.name) if self.options.include_bytes else None
         width, height = image.size if image is not None else (None, None)
         meta = metadata(record)
         return {
@@ -66,7 +65,7 @@ class Parquet(ShardedSink):
             "height": height or record.get("height"),
             "fields": json.dumps(record.get("fields", {}), sort_keys=True),
             "metadata": json.dumps(meta, sort_keys=True, default=str),
-            "image": encode(image, options) if image is not None else None,
+            "image": encode(image, self.options) if image is not None else None,
         }
 
     def write_errors(self) -> tuple[type[Exception], ...]:
@@ -79,4 +78,4 @@ class Parquet(ShardedSink):
         import pyarrow.parquet as pq  # imported by the jobs that write parquet only
 
         table = pa.Table.from_pylist(rows, schema=schema())
-        pq.write_table(table, target.file, compression=self.options.compression)  # type: ignore[attr-defined]
+        pq.write_table(table, target.file, compression=self.options.compression)

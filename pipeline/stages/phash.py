@@ -21,8 +21,6 @@ from pipeline.config.model import Options
 from pipeline.stages.registry import register
 from pipeline.stages.shared.imaging import AnalysisStep
 
-HASH_BITS = 64
-
 
 class PhashOptions(Options):
     algorithm: Literal["phash", "dhash"] = Field("phash", description="Hash algorithm")
@@ -61,17 +59,13 @@ def dhash(image: Image.Image) -> int:
 ALGORITHMS = {"phash": phash, "dhash": dhash}
 
 
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
 @register("phash")
-class Phash(AnalysisStep):
+class Phash(AnalysisStep[PhashOptions]):
     """A perceptual hash into `record['results'][name]` (16 hex digits)."""
 
     Options = PhashOptions
     description = "Perceptual hash (pHash/dHash) into the record"
 
     def measure(self, image: Image.Image) -> str:
-        value = ALGORITHMS[self.options.algorithm](image)  # type: ignore[attr-defined]
+        value = ALGORITHMS[self.options.algorithm](image)
         return f"{value:016x}"

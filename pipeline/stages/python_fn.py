@@ -81,7 +81,7 @@ def record_updates(updates: Any, function: str) -> dict[str, Any]:
 
 
 @register("python")
-class Python(Step):
+class Python(Step[PythonOptions]):
     """Run a user function on each image or record."""
 
     Options = PythonOptions
@@ -89,27 +89,27 @@ class Python(Step):
 
     @cached_property
     def function(self) -> Callable[..., Any]:
-        return load_function(self.options.function)  # type: ignore[attr-defined]
+        return load_function(self.options.function)
 
     def process(self, item: Item) -> Item:
-        options: PythonOptions = self.options  # type: ignore[assignment]
-        if options.takes == "record":
+        if self.options.takes == "record":
             updates = self.call(dict(item.record), item.data)
-            item.record.update(record_updates(updates, options.function))
+            item.record.update(record_updates(updates, self.options.function))
             return item
         result = self.call(item.data)
         if not isinstance(result, Image.Image | np.ndarray):
             kind = type(result).__name__
-            raise ItemError("transform_error", f"{options.function} returned {kind}, not an image")
+            raise ItemError(
+                "transform_error", f"{self.options.function} returned {kind}, not an image"
+            )
         return item.derive(result)
 
     def call(self, *args: Any) -> Any:
         """The user function's result; its exceptions fail the item, with their message."""
-        options: PythonOptions = self.options  # type: ignore[assignment]
         try:
-            return self.function(*args, **options.kwargs)
+            return self.function(*args, **self.options.kwargs)
         except ItemError:
             raise
         except Exception as exc:
-            message = f"{options.function}: {type(exc).__name__}: {exc}"
+            message = f"{self.options.function}: {type(exc).__name__}: {exc}"
             raise ItemError("transform_error", message) from None

@@ -33,28 +33,29 @@ def fits(size: tuple[int, int], box: tuple[int, int]) -> bool:
 
 
 @register("resize")
-class Resize(ImageStep):
+class Resize(ImageStep[ResizeOptions]):
     """Resize with fit / cover / pad / stretch."""
 
     Options = ResizeOptions
     description = "Resize: fit, cover (centre crop), pad with a colour, or stretch"
 
     def preferred_input_size(self) -> tuple[int, int]:
-        return self.options.size  # type: ignore[attr-defined]
+        return self.options.size
 
     def fits_inside_preferred_size(self) -> bool:
-        return self.options.mode in ("fit", "pad")  # type: ignore[attr-defined]
+        return self.options.mode in ("fit", "pad")
 
     def transform(self, image: Image.Image) -> Image.Image:
-        options: ResizeOptions = self.options  # type: ignore[assignment]
-        size, method = options.size, RESAMPLING[options.resample]
-        if options.only_if_bigger and fits(image.size, size):
+        size, method = self.options.size, RESAMPLING[self.options.resample]
+        if self.options.only_if_bigger and fits(image.size, size):
             return image
-        if options.mode == "fit":
+        if self.options.mode == "fit":
             return ImageOps.contain(image, size, method)
-        if options.mode == "cover":
+        if self.options.mode == "cover":
             return ImageOps.fit(image, size, method)
-        if options.mode == "pad":
-            color = options.pad_color if image.mode != "L" else sum(options.pad_color) // 3
+        if self.options.mode == "pad":
+            color = (
+                self.options.pad_color if image.mode != "L" else sum(self.options.pad_color) // 3
+            )
             return ImageOps.pad(image, size, method, color=color)
         return image.resize(size, method)

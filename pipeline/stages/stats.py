@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from pipeline.config.model import Options
 from pipeline.stages.registry import register
 from pipeline.stages.shared.imaging import AnalysisStep
 
@@ -38,7 +39,7 @@ def image_stats(image: Image.Image) -> dict[str, object]:
 
 
 @register("stats")
-class Stats(AnalysisStep):
+class Stats(AnalysisStep[Options]):
     """Mean colour, brightness, contrast and sharpness into `record['results'][name]`."""
 
     description = "Mean colour, brightness, contrast, sharpness into the record"

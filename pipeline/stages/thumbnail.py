@@ -20,7 +20,7 @@ class ThumbnailOptions(Options):
 
 
 @register("thumbnail")
-class Thumbnail(Step):
+class Thumbnail(Step[ThumbnailOptions]):
     """Fit the image inside `size` (aspect ratio kept, never enlarged)."""
 
     Options = ThumbnailOptions
@@ -30,15 +30,14 @@ class Thumbnail(Step):
         """The box itself: a JPEG decoded by DCT scaling to at least the box loses nothing
         visible (>= 40 dB PSNR against a full-resolution Lanczos thumbnail on the bench
         corpus) and costs about a third less CPU than decoding to twice the box."""
-        return self.options.size  # type: ignore[attr-defined]
+        return self.options.size
 
     def process(self, item: Item) -> Item:
-        options: ThumbnailOptions = self.options  # type: ignore[assignment]
         image = image_of(item, self.name)
-        target = fit_inside(image.size, options.size)
+        target = fit_inside(image.size, self.options.size)
         if target == image.size:
             return item.derive(image)
         resized = image.resize(
-            target, RESAMPLING[options.resample], reducing_gap=options.reducing_gap
+            target, RESAMPLING[self.options.resample], reducing_gap=self.options.reducing_gap
         )
         return item.derive(resized)

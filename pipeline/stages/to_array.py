@@ -51,18 +51,17 @@ def normalise(array: np.ndarray, options: ToArrayOptions) -> np.ndarray:
 
 
 @register("to_array")
-class ToArray(Step):
+class ToArray(Step[ToArrayOptions]):
     """Turn the image into a numpy array for array sinks or user functions."""
 
     Options = ToArrayOptions
     description = "Image -> numpy array (dtype, HWC/CHW, mean/std)"
 
     def process(self, item: Item) -> Item:
-        options: ToArrayOptions = self.options  # type: ignore[assignment]
         array = np.asarray(image_of(item, self.name))
-        if options.dtype != "uint8":
-            array = normalise(array.astype(options.dtype), options)
-        if options.channels == "first" and array.ndim == 3:
+        if self.options.dtype != "uint8":
+            array = normalise(array.astype(self.options.dtype), self.options)
+        if self.options.channels == "first" and array.ndim == 3:
             array = np.ascontiguousarray(array.transpose(2, 0, 1))
         item.record.update(array_shape=list(array.shape), array_dtype=str(array.dtype))
         return item.derive(array)

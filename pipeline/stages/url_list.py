@@ -299,14 +299,14 @@ def url_text(value: Any, column: str) -> str:
 
 
 @register("url_list")
-class UrlList(Source):
+class UrlList(Source[UrlListOptions]):
     """One item per entry of a list file (txt, csv, tsv, jsonl, parquet; maybe compressed)."""
 
     Options = UrlListOptions
     description = "URLs or paths from a txt/csv/tsv/jsonl/parquet list, streamed"
 
     def iter_items(self) -> Iterator[SourceItem]:
-        base = _base(self.options.path)  # type: ignore[attr-defined]
+        base = _base(self.options.path)
         for number, text, row in self._entries():
             yield self.entry(number, text, partial(self._item, number, text, row, base))
 
@@ -314,7 +314,7 @@ class UrlList(Source):
         """The entry count for progress, when the list is small enough to read twice;
         None when it is not, or cannot be read (the run itself then says why)."""
         try:
-            fs, path = filesystem(self.options.path)  # type: ignore[attr-defined]
+            fs, path = filesystem(self.options.path)
             if fs.size(path) > COUNT_LIMIT_BYTES:
                 return None
             return sum(1 for _ in self._entries())
@@ -328,7 +328,7 @@ class UrlList(Source):
         if isinstance(row, ItemError):
             raise row
         fields = self._fields(row)
-        column = self.options.column  # type: ignore[attr-defined]
+        column = self.options.column
         try:
             if column not in row:
                 keys = ", ".join(map(str, row))[:200]
@@ -343,9 +343,8 @@ class UrlList(Source):
         return SourceItem(number, url, fields, input=None if url == cell else cell)
 
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
-        options: UrlListOptions = self.options  # type: ignore[assignment]
-        names = options.fields if options.fields is not None else list(row)
-        return {name: jsonable(row.get(name)) for name in names if name != options.column}
+        names = self.options.fields if self.options.fields is not None else list(row)
+        return {name: jsonable(row.get(name)) for name in names if name != self.options.column}
 
     def _entries(self) -> Iterator[RawEntry]:
         """Every entry of the list. A list that cannot be opened stops the run; one that
@@ -358,7 +357,7 @@ class UrlList(Source):
         except PipelineError:
             raise
         except Exception as exc:
-            message = f"cannot read {self.options.path}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
+            message = f"cannot read {self.options.path}: {type(exc).__name__}: {exc}"
             if number == 0:
                 raise RunIncompleteError(f"{self.name}: {message}") from None
             after = f"past line {number}"
@@ -369,17 +368,16 @@ class UrlList(Source):
             )
 
     def _read(self) -> Iterator[RawEntry]:
-        options: UrlListOptions = self.options  # type: ignore[assignment]
-        kind = list_format(options.path, options.format)
-        with fsspec.open(options.path, "rb", compression="infer") as handle:
+        kind = list_format(self.options.path, self.options.format)
+        with fsspec.open(self.options.path, "rb", compression="infer") as handle:
             if kind == "parquet":
                 yield from self._checked(
-                    _parquet_entries(handle, options.column, options.batch_rows)
+                    _parquet_entries(handle, self.options.column, self.options.batch_rows)
                 )
                 return
             lines = read_lines(handle)
             if kind == "txt":
-                yield from _text_entries(lines, options.column)
+                yield from _text_entries(lines, self.options.column)
             elif kind == "jsonl":
                 yield from _jsonl_entries(lines)
             else:
@@ -387,9 +385,9 @@ class UrlList(Source):
 
     def _checked(self, entries: Iterator[RawEntry]) -> Iterator[RawEntry]:
         """Entries of a list with a header, which must name `column` (else ConfigError)."""
-        column = self.options.column  # type: ignore[attr-defined]
+        column = self.options.column
         for entry in entries:
             row = entry[2]
             if isinstance(row, dict) and column not in row:
-                raise ConfigError(missing_column(self.options.path, column, list(row)))  # type: ignore[attr-defined]
+                raise ConfigError(missing_column(self.options.path, column, list(row)))
             yield entry

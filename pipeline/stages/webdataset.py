@@ -30,7 +30,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 @register("webdataset")
-class WebDataset(ShardedSink):
+class WebDataset(ShardedSink[WebDatasetOptions]):
     """Write samples into WebDataset tar shards."""
 
     Options = WebDatasetOptions
@@ -38,15 +38,14 @@ class WebDataset(ShardedSink):
     extension = "tar"
 
     def row(self, item: Item) -> Sample:
-        options: WebDatasetOptions = self.options  # type: ignore[assignment]
-        image = encode(require_image(item, self.name), options)
+        image = encode(require_image(item, self.name), self.options)
         return item.key, image, metadata_json(item.record)
 
     def write_errors(self) -> tuple[type[Exception], ...]:
         return (*super().write_errors(), tarfile.TarError)
 
     def write_shard(self, target: AtomicFile, rows: list[Sample]) -> None:
-        extension = EXTENSIONS[self.options.format]  # type: ignore[attr-defined]
+        extension = EXTENSIONS[self.options.format]
         with tarfile.open(fileobj=target.file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, image, meta in rows:
                 add_member(tar, f"{key}.{extension}", image)

@@ -32,7 +32,7 @@ class WriteImagesOptions(EncodeOptions):
 
 
 @register("write_images")
-class WriteImages(Sink):
+class WriteImages(Sink[WriteImagesOptions]):
     """Write each image to `<path>/<stem>-<key>.<ext>`."""
 
     Options = WriteImagesOptions
@@ -46,13 +46,12 @@ class WriteImages(Sink):
         self._suffix_inputs = len(inputs) > 1
 
     def process(self, item: Item) -> Item:
-        options: WriteImagesOptions = self.options  # type: ignore[assignment]
         image = require_image(item, self.name)
         suffix = item.meta.get("from", "") if self._suffix_inputs else ""
-        name = output_name(item.record, EXTENSIONS[options.format], suffix)
-        path = join(output_folder(self.job.run_dir, options.path), name)
-        write_output(path, encode(image, options))
-        if options.sidecar:
+        name = output_name(item.record, EXTENSIONS[self.options.format], suffix)
+        path = join(output_folder(self.job.run_dir, self.options.path), name)
+        write_output(path, encode(image, self.options))
+        if self.options.sidecar:
             write_output(path.rsplit(".", 1)[0] + ".json", metadata_json(item.record))
         self.add_output(item, path)
         return item

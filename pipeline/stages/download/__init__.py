@@ -26,7 +26,7 @@ from pipeline.stages.shared.urls import url_scheme
 
 
 @register("download")
-class Download(Step):
+class Download(Step[DownloadOptions]):
     """Fetch bytes for each URL under the configured network and file policy."""
 
     Options = DownloadOptions
@@ -54,22 +54,20 @@ class Download(Step):
 
     def fetch(self, url: str, record: Record) -> bytes:
         """The bytes at `url`; raise ItemError with a reason code."""
-        options: DownloadOptions = self.options  # type: ignore[assignment]
         scheme = url_scheme(url)
-        if scheme not in options.allow_schemes:
+        if scheme not in self.options.allow_schemes:
             raise ItemError("blocked_scheme", f"scheme {scheme!r} is not in allow_schemes")
         if scheme in ("http", "https"):
-            return fetcher_for(options).fetch(url, record)
+            return fetcher_for(self.options).fetch(url, record)
         record["attempts"] = 1
         if scheme == "file":
-            return read_local(local_path(url), options.max_bytes, options.local_root)
-        return read_fsspec(url, options.max_bytes)
+            return read_local(local_path(url), self.options.max_bytes, self.options.local_root)
+        return read_fsspec(url, self.options.max_bytes)
 
     def stream(self, items: Iterable[Item]) -> Iterator[Item]:
         """Keep `concurrency` downloads in flight; yield results in input order."""
-        options: DownloadOptions = self.options  # type: ignore[assignment]
-        concurrency = options.concurrency
-        pool = _download_threads(concurrency, options.per_host)
+        concurrency = self.options.concurrency
+        pool = _download_threads(concurrency, self.options.per_host)
         window: deque[Future[Item | None]] = deque()
         for item in items:
             window.append(pool.submit(self.run_one, item))

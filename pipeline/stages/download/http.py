@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -66,12 +67,13 @@ class _Guarded:
         try:
             address = within_deadline(lambda: self.policy.resolve(host, port), f"resolving {host}")
         except socket.gaierror as exc:
+            # self is the HTTPConnection this mixin is combined with; mypy sees only _Guarded
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
         except TimeoutError as exc:
             raise ConnectTimeoutError(self, str(exc)) from None
         dns_host, self._dns_host = self._dns_host, address  # connect to what was checked
         try:
-            sock = super()._new_conn()  # type: ignore[misc]
+            sock = super()._new_conn()  # type: ignore[misc]  # mixin: super() is HTTPConnection
         finally:
             self._dns_host = dns_host
         peer = ipaddress.ip_address(sock.getpeername()[0].split("%")[0])
@@ -80,8 +82,8 @@ class _Guarded:
             raise BlockedAddress(f"{self.host} connected to {peer}, which is not allowed")
         return sock
 
-    def request(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().request(*args, **kwargs)  # type: ignore[misc]
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]  # mixin, as above
         watch_current(self.sock)
 
 

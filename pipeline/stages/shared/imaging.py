@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.errors import ItemError
 from pipeline.records import Item
-from pipeline.stages.base import Step
+from pipeline.stages.base import OptionsT, Step
 
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -38,7 +38,7 @@ def image_of(item: Item, stage: str, reason: str = "transform_error") -> Image.I
     return item.data
 
 
-class ImageStep(Step):
+class ImageStep(Step[OptionsT]):
     """A transform: `transform(image) -> image`; Pillow's errors fail only the item."""
 
     def process(self, item: Item) -> Item:
@@ -53,7 +53,7 @@ class ImageStep(Step):
         raise NotImplementedError
 
 
-class AnalysisStep(Step):
+class AnalysisStep(Step[OptionsT]):
     """Adds `measure(image)` to the record, under the stage's own name in `results` (so two
     stages of one kind never collide); the image passes on unchanged.
 

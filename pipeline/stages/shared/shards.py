@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AfterValidator, Field, PositiveInt
 
@@ -43,7 +43,10 @@ class ShardOptions(Options):
     prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$", description="Shard file name prefix")
 
 
-class ShardedSink(Sink):
+ShardOptionsT = TypeVar("ShardOptionsT", bound=ShardOptions)
+
+
+class ShardedSink(Sink[ShardOptionsT]):
     """Buffers `row(item)` values and writes them with `write_shard` every `shard_size`."""
 
     extension: ClassVar[str]
@@ -52,14 +55,14 @@ class ShardedSink(Sink):
         super().__init__(*args, **kwargs)
         self.pending: list[tuple[Item, Any]] = []
 
-    def for_partition(self, partition: Partition) -> ShardedSink:
+    def for_partition(self, partition: Partition) -> ShardedSink[ShardOptionsT]:
         writer = copy.copy(self)
         writer.pending = []
         return writer
 
     def process(self, item: Item) -> Item:
         self.pending.append((item, self.row(item)))
-        if len(self.pending) >= self.options.shard_size:  # type: ignore[attr-defined]
+        if len(self.pending) >= self.options.shard_size:
             self.flush()
         return item
 
@@ -69,10 +72,9 @@ class ShardedSink(Sink):
 
     def shard_path(self, items: list[Item]) -> str:
         """`<prefix>-<hash of the items' keys>.<ext>` in the sink's folder."""
-        options: ShardOptions = self.options  # type: ignore[assignment]
         keys = "\n".join(item.key for item in items).encode()
-        name = f"{options.prefix}-{hashlib.sha256(keys).hexdigest()[:16]}.{self.extension}"
-        return join(output_folder(self.job.run_dir, options.path), name)
+        name = f"{self.options.prefix}-{hashlib.sha256(keys).hexdigest()[:16]}.{self.extension}"
+        return join(output_folder(self.job.run_dir, self.options.path), name)
 
     def flush(self) -> None:
         """Write the pending items as one shard; if it cannot be written, fail them all.
