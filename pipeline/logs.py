@@ -37,7 +37,7 @@ def configure(verbosity: str = "normal", stream: TextIO | None = None) -> loggin
     for handler in [h for h in root.handlers if getattr(h, "_pipeline_console", False)]:
         root.removeHandler(handler)
     console = logging.StreamHandler(stream or sys.stderr)
-    console._pipeline_console = True  # type: ignore[attr-defined]
+    console._pipeline_console = True  # type: ignore[attr-defined]  # our mark on a stdlib handler
     add_handler(console)
     root.setLevel(LEVELS[verbosity])
     root.propagate = False
