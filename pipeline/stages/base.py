@@ -9,10 +9,9 @@ Three roles:
 * `Sink` is a step at the end of a branch: it writes the item and records the
   output path in the item's result record.
 
-The data they pass (`SourceItem`, `Item`, its `Record`) is in `pipeline.records`.
-Stage objects are shared by the
-threads of a worker, so they keep no per-item state; a stage that needs
-per-partition state (a tar shard) returns a fresh object from `for_partition`.
+The data they pass (`SourceItem`, `Item`, its `Record`) is in `pipeline.records`. Stage
+objects are shared by the threads of a worker, so they keep no per-item state; a stage
+that needs per-partition state (a tar shard) returns a fresh object from `for_partition`.
 
 Every role is generic over its options model: a kind declares
 `class Thumbnail(Step[ThumbnailOptions])`, so `self.options` is a `ThumbnailOptions` to
