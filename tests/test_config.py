@@ -106,3 +106,27 @@ def test_source_file_must_exist(write_config, good, tmp_path):
     config = write_config(good.replace(str(tmp_path / "urls.txt"), "nowhere.txt"))
     assert "stages.urls.path" in problems_of(config)
     assert "no such file: nowhere.txt" in problems_of(config)
+
+
+def test_backend_kinds_are_the_backends_and_their_aliases():
+    """The config's Literal (what it accepts) and the backends (what runs) name the same."""
+    from typing import get_args
+
+    from pipeline.config.model import BACKEND_ALIAS_NAMES, BACKEND_NAMES, BackendKind
+    from pipeline.execution.backends import BACKEND_ALIASES, BACKENDS
+
+    assert tuple(BACKENDS) == BACKEND_NAMES
+    assert tuple(BACKEND_ALIASES) == BACKEND_ALIAS_NAMES
+    assert get_args(BackendKind) == (*BACKENDS, *BACKEND_ALIASES)
+
+
+@pytest.mark.parametrize(
+    ("backend", "name", "meant"),
+    [("{kind: thread, workers: 2}", "thread", "threads"), ("proceses", "proceses", "processes")],
+)
+def test_unknown_backend_names_file_line_key_and_suggests(write_config, good, backend, name, meant):
+    config = write_config(good.replace("name: job", f"name: job\nbackend: {backend}"))
+    message = problems_of(config)
+    assert f"{config}:2: backend.kind: unknown backend '{name}'; did you mean '{meant}'?" in message
+    assert "(valid: sync, threads, processes, distributed; aliases: synchronous," in message
+    assert "stages.thumb" not in message  # the stages are fine: only the backend is reported

@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.execution.reduction import upstream_plan
+from pipeline.execution import engine
+from pipeline.execution.reduction import first_pass_plan
 from pipeline.execution.runner import RunRequest, prepare
-from pipeline.stages.dedupe import HashSummary, UnionFind, band_keys, groups_of, merge
+from pipeline.stages.dedupe import (
+    Dedupe,
+    Duplicates,
+    HashSummary,
+    UnionFind,
+    band_keys,
+    groups_of,
+    merge,
+)
 from pipeline.stages.phash import dhash, phash
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes
 from tests.stage_jobs import decoded_files, records, run_job, write_photos
@@ -222,8 +231,108 @@ def test_drop_drops_when_every_stage_is_upstream_of_dedupe(tmp_path, crafted, ba
     skipped = [r for r in records(tmp_path / "out") if r["status"] == "skipped"]
     assert {r["reason"] for r in skipped} == {"duplicate"} and len(skipped) == FAMILIES * 3
     plan, _ = prepare(RunRequest(config=tmp_path / "job.yaml"))
-    first_pass = upstream_plan(plan, ["near"])
+    first_pass = first_pass_plan(plan, ["near"])
     assert first_pass.config == plan.config and first_pass.fingerprint != plan.fingerprint
+
+
+def test_drop_main_pass_gets_the_duplicates_in_its_tasks_plan(tmp_path, crafted, monkeypatch):
+    """The first pass's conclusion reaches the main pass as data: every main-pass task's
+    plan carries it (cut to the task's partition), while the groups file, written only at
+    the end of the run, does not exist yet; first-pass tasks carry no conclusion."""
+    folder, _ = crafted
+    groups_file = tmp_path / "out" / "dedupe-near.json"
+    tasks = []
+
+    def spy(plan, partition):
+        task_plan = plan.for_partition(partition)
+        conclusion = task_plan.conclusions.get("near")
+        keys = {item.key for item in partition.items}
+        dropped = conclusion.as_dict() if conclusion is not None else None
+        tasks.append(("write" in plan.by_name, dropped, keys, groups_file.exists()))
+        return run_partition(plan, partition)
+
+    run_partition = engine.run_partition
+    monkeypatch.setattr(engine, "run_partition", spy)
+    report = run_job(
+        tmp_path,
+        decoded_files(folder),
+        """
+        hash: {kind: phash, input: decode}
+        near: {kind: dedupe, input: hash, threshold: 12, drop: true}
+        write: {kind: write_images, input: near, path: unique}
+        """,
+        backend="threads",
+        partition_size=5,
+    )
+    assert report["counts"] == {"ok": FAMILIES + SINGLES, "failed": 0, "skipped": FAMILIES * 3}
+    first = [task for task in tasks if not task[0]]
+    main = [task for task in tasks if task[0]]
+    assert len(first) == len(main) == -(-(FAMILIES * 4 + SINGLES) // 5)
+    assert all(dropped is None for _, dropped, _, _ in first)
+    assert all(dropped is not None and set(dropped) <= keys for _, dropped, keys, _ in main)
+    assert sum(len(dropped) for _, dropped, _, _ in main) == FAMILIES * 3
+    assert not any(exists for *_, exists in tasks)  # no task could have read it
+    groups = json.loads(groups_file.read_text())
+    assert groups["dropped"] is True and groups["duplicates"] == FAMILIES * 3
+    skipped = {r["key"]: r["message"] for r in records(tmp_path / "out") if r["reason"]}
+    from_tasks = {key: kept for _, dropped, _, _ in main for key, kept in dropped.items()}
+    assert skipped == {key: f"near-duplicate of {kept}" for key, kept in from_tasks.items()}
+
+
+def test_only_the_reducer_that_needs_a_first_pass_runs_in_it(tmp_path, crafted, monkeypatch):
+    """`near` drops, `other` (a sibling) only reports: the first pass runs the stages up to
+    `near` and summarizes only `near`; `other` summarizes the main pass only."""
+    folder, _ = crafted
+    summarized = []
+    first_pass_stages = []
+    summarize, run_partition = Dedupe.summarize, engine.run_partition
+
+    def spy_summarize(self, records):
+        summarized.append(self.name)
+        return summarize(self, records)
+
+    def spy_run(plan, partition):
+        if "write" not in plan.by_name:
+            first_pass_stages.append(tuple(plan.by_name))
+        return run_partition(plan, partition)
+
+    monkeypatch.setattr(Dedupe, "summarize", spy_summarize)
+    monkeypatch.setattr(engine, "run_partition", spy_run)
+    report = run_job(
+        tmp_path,
+        decoded_files(folder),
+        """
+        hash: {kind: phash, input: decode}
+        near: {kind: dedupe, input: hash, threshold: 12, drop: true}
+        write: {kind: write_images, input: near, path: unique}
+        other: {kind: dedupe, input: hash, threshold: 12}
+        """,
+        backend="threads",
+        partition_size=5,
+    )
+    partitions = -(-(FAMILIES * 4 + SINGLES) // 5)
+    assert set(first_pass_stages) == {("files", "get", "decode", "hash", "near")}
+    assert summarized.count("near") == partitions == summarized.count("other")
+    assert summarized[:partitions] == ["near"] * partitions  # the first pass: `near` only
+    near, other = report["reductions"]["near"], report["reductions"]["other"]
+    assert near["items"] == FAMILIES * 4 + SINGLES and near["duplicates"] == FAMILIES * 3
+    # `other` summarizes the main pass's ok records: `near` skipped the duplicates there
+    assert other["items"] == FAMILIES + SINGLES and other["groups"] == 0
+    assert report["counts"]["skipped"] == FAMILIES * 3
+
+
+def test_duplicates_are_every_group_member_but_the_earliest():
+    summary = merge(
+        [
+            HashSummary.of([hashed("b" * 20, 2, 0xFF), hashed("a" * 20, 5, 0xFE)], "near"),
+            HashSummary.of([hashed("c" * 20, 1, 0xFF), hashed("d" * 20, 4, 0xFF00)], "near"),
+        ],
+        2,
+    )
+    found = Duplicates.of(summary)
+    assert found.as_dict() == {"a" * 20: "c" * 20, "b" * 20: "c" * 20}
+    assert found.keys.tolist() == sorted(found.keys.tolist())  # sorted, for lookups
+    assert Duplicates.of(merge([], 2)).as_dict() == {}
 
 
 def ramp(seed: int, stripes: bool) -> Image.Image:

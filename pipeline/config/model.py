@@ -8,9 +8,18 @@ with the same `validate_model` helper, so every error reads the same way.
 from __future__ import annotations
 
 import difflib
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipeline.config.document import ConfigDocument, Loc
 
@@ -23,10 +32,31 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The backend names a config accepts (and the schema lists): the source of truth for
+# them. `pipeline.execution.backends` maps the same names to classes (`BACKENDS`,
+# `BACKEND_ALIASES`); the config may not import it, so tests/test_config.py keeps the
+# two equal.
+BackendName = Literal["sync", "threads", "processes", "distributed"]
+BackendAlias = Literal[
+    "synchronous", "single-threaded", "threading", "multiprocessing", "dask.distributed", "cluster"
+]
+BackendKind = Literal[BackendName, BackendAlias]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+BACKEND_ALIAS_NAMES: tuple[str, ...] = get_args(BackendAlias)
+
+
+def unknown_backend(name: str) -> str:
+    """The problem with a backend `name` that is neither a backend nor an alias."""
+    return (
+        f"unknown backend '{name}'{suggest(name, [*BACKEND_NAMES, *BACKEND_ALIAS_NAMES])} "
+        f"(valid: {', '.join(BACKEND_NAMES)}; aliases: {', '.join(BACKEND_ALIAS_NAMES)})"
+    )
+
+
 class BackendConfig(Options):
     """Where and how partitions run."""
 
-    kind: str = Field("threads", description="sync | threads | processes | distributed")
+    kind: BackendKind = Field("threads", description="sync | threads | processes | distributed")
     workers: PositiveInt | None = Field(
         None,
         description="Worker threads/processes; default: 2 x cores (distributed: cores)",
@@ -40,6 +70,16 @@ class BackendConfig(Options):
     max_in_flight: PositiveInt | None = Field(
         None, description="Partitions submitted but not finished; default: 2 x workers"
     )
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, value: Any) -> Any:
+        """An unknown name says which it may have meant, and lists the valid ones."""
+        if isinstance(value, str) and value not in get_args(BackendKind):
+            raise PydanticCustomError(
+                "unknown_name", "{problem}", {"problem": unknown_backend(value)}
+            )
+        return value
 
 
 class StageConfig(Options):
@@ -100,6 +140,8 @@ def _describe(doc: ConfigDocument, model: type[BaseModel], loc: Loc, error: Any)
         return doc.problem(where, f"unknown key '{key}'{suggest(key, allowed)}")
     if error["type"] == "missing":
         return doc.problem(where, "missing required key")
+    if error["type"] == "unknown_name":  # the message names the value and suggests
+        return doc.problem(where, error["msg"])
     return doc.problem(where, f"{error['msg']} (got {error.get('input')!r})")
 
 

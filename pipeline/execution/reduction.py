@@ -1,9 +1,16 @@
 """Run the plan's reducing stages: collect per-partition summaries, tree-reduce them on the
-backend, and conclude on the client (see `pipeline.stages.shared.reducing`).
+backend, and conclude on the client (the protocol: `pipeline.stages.shared.reducing`).
 
-A reducer that acts on items before they are written (`dedupe` with `drop: true`)
-needs its result before the main pass: `first_pass` then runs only the stages it
-depends on (no sinks), reduces, and concludes; the main pass reads the conclusion.
+    Reductions(plan)        the plan's reducers, each instantiated on the client
+    .first_pass(backend)    only if a reducer `needs_first_pass`: run `first_pass_plan`
+                            (the stages those reducers read from, them in first-pass
+                            mode, no sinks), summarize and tree-reduce only them, and
+                            put each one's `first_pass_conclusion` into the main plan
+                            (`Plan.conclude`): the main pass's tasks receive it there
+    .add(records)           main pass, per partition: summarize, for every reducer
+                            without a first pass
+    .run(executor)          after the main pass: tree-reduce those, then `conclude`
+                            every reducer (a first-pass one on its first-pass summary)
 """
 
 from __future__ import annotations
@@ -31,25 +38,18 @@ def combine_task(plan: Plan, name: str, summaries: list[Any]) -> Any:
     return stage.combine(summaries)
 
 
-def upstream_plan(plan: Plan, names: list[str]) -> Plan:
-    """The plan cut down to `names` and the stages they read from, reducers in first-pass mode."""
-    keep, todo = set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name not in keep:
-            keep.add(name)
-            todo.extend(plan.by_name[name].inputs)
-    stages = {name: spec for name, spec in plan.config.stages.items() if name in keep}
-    config = plan.config.model_copy(update={"stages": stages})
-    kinds = stage_kinds()
+def first_pass_plan(plan: Plan, names: list[str]) -> Plan:
+    """The plan the first pass runs: `plan.upstream(names)`, those reducers with their
+    `first_pass_options`."""
+    cut = plan.upstream(names)
     nodes = []
-    for node in plan.nodes:
+    for node in cut.nodes:
         if node.name in names:
-            first_pass = kinds[node.kind].first_pass_options(node.options)  # type: ignore[attr-defined]
-            node = replace(node, options=first_pass)
-        if node.name in keep:
-            nodes.append(node)
-    return Plan(plan.job, config, tuple(nodes))
+            kind = stage_kinds()[node.kind]
+            assert issubclass(kind, Reducer)
+            node = replace(node, options=kind.first_pass_options(node.options))
+        nodes.append(node)
+    return replace(cut, nodes=tuple(nodes))
 
 
 class Reductions:
@@ -57,44 +57,75 @@ class Reductions:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        kinds = stage_kinds()
-        self.reducers: dict[str, Reducer] = {
-            node.name: kinds[node.kind](node.name, node.options, plan.job)  # type: ignore[misc]
-            for node in plan.nodes
-            if issubclass(kinds[node.kind], Reducer)
-        }
+        # what combine tasks receive: the same stages (so the same compiled copy on each
+        # worker), without the first pass's conclusions, which combining does not need
+        self.combine_plan = Plan(plan.job, plan.config, plan.nodes)
+        self.reducers: dict[str, Reducer] = {}
+        for name in plan.reducers:
+            reducer = plan.instantiate(plan.by_name[name])
+            assert isinstance(reducer, Reducer)
+            self.reducers[name] = reducer
         self.summaries: dict[str, list[Any]] = {name: [] for name in self.reducers}
+        self.first_pass_summaries: dict[str, Any] = {}  # whole-batch, of the first pass
         self.results: dict[str, dict[str, Any]] = {}
 
     def first_pass(self, backend: Backend) -> None:
-        """Reduce, before the main pass, for the reducers that need their result in it."""
+        """Before the main pass, for the reducers that need their conclusion in it: run
+        only what they read from, reduce only them, and give the main plan what they
+        concluded."""
         early = [name for name, reducer in self.reducers.items() if reducer.needs_first_pass]
-        if early:
-            plan = upstream_plan(self.plan, early)
-            execute(plan, backend, plan_partitions(plan), self.add, after=self.run)
+        if not early:
+            return
+        plan = first_pass_plan(self.plan, early)
+
+        def summarize(records: list[Record]) -> None:
+            for name in early:
+                self.summaries[name].append(self.reducers[name].summarize(records))
+
+        def reduce(executor: Executor | None) -> None:
+            for name in early:
+                self.first_pass_summaries[name] = self.tree_reduce(_executor(executor), plan, name)
+
+        execute(plan, backend, plan_partitions(plan), summarize, after=reduce)
+        self.plan.conclude(
+            {
+                name: self.reducers[name].first_pass_conclusion(summary)
+                for name, summary in self.first_pass_summaries.items()
+            }
+        )
 
     def add(self, records: list[Record]) -> None:
+        """A main-pass partition's records (run or skipped as done)."""
         for name, reducer in self.reducers.items():
-            if name not in self.results:
+            if name not in self.first_pass_summaries:
                 self.summaries[name].append(reducer.summarize(records))
 
     def run(self, executor: Executor | None) -> None:
         """Reduce and conclude, with tasks on `executor` (None: in this process)."""
-        if executor is None:
-            from dask.local import SynchronousExecutor
-
-            executor = SynchronousExecutor()
         for name, reducer in self.reducers.items():
-            if name not in self.results:
-                summary = self.tree_reduce(executor, name, reducer.fan_in)
-                self.results[name] = reducer.conclude(summary)
+            if name in self.first_pass_summaries:
+                summary = self.first_pass_summaries[name]
+            else:
+                summary = self.tree_reduce(_executor(executor), self.combine_plan, name)
+            self.results[name] = reducer.conclude(summary)
 
-    def tree_reduce(self, executor: Executor, name: str, fan_in: int) -> Any:
-        """Combine groups of `fan_in` summaries as tasks, level by level, down to one."""
+    def tree_reduce(self, executor: Executor, plan: Plan, name: str) -> Any:
+        """Combine groups of `fan_in` summaries as tasks in `plan` (the one whose partitions
+        they summarize), level by level, down to one."""
+        fan_in = self.reducers[name].fan_in
         level, self.summaries[name] = self.summaries[name], []
         while True:
             chunks = [level[i : i + fan_in] for i in range(0, len(level), fan_in)] or [[]]
-            futures = [executor.submit(combine_task, self.plan, name, chunk) for chunk in chunks]
+            futures = [executor.submit(combine_task, plan, name, chunk) for chunk in chunks]
             level = [future.result() for future in futures]
             if len(level) == 1:
                 return level[0]
+
+
+def _executor(executor: Executor | None) -> Executor:
+    """`executor`, or one that runs each task in this process when there is none."""
+    if executor is None:
+        from dask.local import SynchronousExecutor
+
+        return SynchronousExecutor()
+    return executor

@@ -8,16 +8,22 @@ A partition may name, per item, the sinks still to run (an incremental run
 whose config changed for one branch): items then flow only along the stages
 that lead to those sinks, and each record's `sink_outputs` says what every
 sink that ran wrote.
+
+A reducer that needed a first pass (`pipeline.stages.shared.reducing`) runs each
+partition knowing the first pass's conclusion, which the task receives in its plan
+(`Plan.conclusions`), cut to the partition's items.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.plan import Plan
 from pipeline.records import Item, Partition, Record
 from pipeline.stages.base import Step
+from pipeline.stages.shared.reducing import Conclusion, Reducer
 from pipeline.storage import durable_batch
 
 _compiled: dict[str, CompiledPlan] = {}
@@ -58,11 +64,15 @@ def run_partition(plan: Plan, partition: Partition) -> list[Record]:
     The records are returned only once every output they name is durable.
     """
     with durable_batch():
-        return _run(compiled(plan), partition)
+        return _run(compiled(plan), partition, plan.for_partition(partition).conclusions)
 
 
-def _run(compiled_plan: CompiledPlan, partition: Partition) -> list[Record]:
-    bound = {name: step.for_partition(partition) for name, step in compiled_plan.steps.items()}
+def _run(
+    compiled_plan: CompiledPlan, partition: Partition, conclusions: Mapping[str, Conclusion]
+) -> list[Record]:
+    bound = {
+        name: _bind(step, partition, conclusions) for name, step in compiled_plan.steps.items()
+    }
     records = partition.new_records()
     wanted = {}
     if partition.sinks is not None:
@@ -79,6 +89,17 @@ def _run(compiled_plan: CompiledPlan, partition: Partition) -> list[Record]:
     for name in compiled_plan.order:
         bound[name].finish()
     return records
+
+
+def _bind(step: Step, partition: Partition, conclusions: Mapping[str, Conclusion]) -> Step:
+    """The object that runs `partition` for `step`: its own per-partition copy, and for a
+    reducer that needed a first pass, one that knows what the first pass concluded."""
+    bound = step.for_partition(partition)
+    if isinstance(bound, Reducer) and bound.needs_first_pass:
+        if step.name not in conclusions:  # a plan not given its first pass: never silently
+            raise RuntimeError(f"stage {step.name} runs before its first pass concluded")
+        bound = bound.with_conclusion(conclusions[step.name])
+    return bound
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,31 @@ options, inputs that exist, roles that fit (a source has no input, a sink no
 consumer), and cycles. Every problem names the file, line and key. A `Plan`
 is small and picklable: it is what every task receives, and each worker
 compiles it once into live stage objects (`Plan.compile`).
+
+The plan also answers the graph's questions: which stages are outputs (`is_output`),
+which outputs a stage feeds (`sinks_below`), the plan cut to some stages and what they
+read from (`upstream`), and the local folders its sinks write (`sink_folders`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from pipeline.config import ConfigDocument, JobConfig, Options, StageConfig
 from pipeline.config.model import suggest, validate_model
 from pipeline.errors import ConfigError
-from pipeline.records import JobContext
+from pipeline.records import JobContext, Partition
 from pipeline.stages.base import Source, Stage
 from pipeline.stages.registry import stage_kinds
-from pipeline.stages.shared.reducing import Reducer
+from pipeline.stages.shared.reducing import Conclusion, Reducer
+from pipeline.storage import output_folder
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,18 @@ class StageNode:
 
 @dataclass(frozen=True)
 class Plan:
-    """The validated job: stages in topological order plus run settings."""
+    """The validated job: stages in topological order plus run settings.
+
+    `conclusions` holds, for each reducer that needs a first pass, what the first pass
+    concluded (see `pipeline.stages.shared.reducing`): it travels with the plan into every
+    task of the main pass. It is data for the tasks, not part of what a worker compiles,
+    so it does not count in the fingerprint.
+    """
 
     job: JobContext
     config: JobConfig
     nodes: tuple[StageNode, ...]
+    conclusions: Mapping[str, Conclusion] = field(default_factory=dict, compare=False)
 
     @cached_property
     def by_name(self) -> dict[str, StageNode]:
@@ -65,6 +78,53 @@ class Plan:
 
     def consumers(self, name: str) -> tuple[str, ...]:
         return tuple(node.name for node in self.nodes if name in node.inputs)
+
+    def upstream(self, names: Iterable[str]) -> Plan:
+        """The plan cut down to `names` and every stage they read from, directly or not:
+        its nodes and its config's stages (no first-pass conclusions)."""
+        keep: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo.extend(self.by_name[name].inputs)
+        stages = {name: spec for name, spec in self.config.stages.items() if name in keep}
+        config = self.config.model_copy(update={"stages": stages})
+        return Plan(self.job, config, tuple(node for node in self.nodes if node.name in keep))
+
+    def sink_folders(self) -> list[Path]:
+        """The local folders sinks write into (their `path` option, relative to the run
+        directory); a sink writing to a URL has none."""
+        folders = []
+        for node in self.nodes:
+            path = getattr(node.options, "path", None)
+            if node.role == "sink" and isinstance(path, str) and "://" not in path:
+                folders.append(Path(output_folder(self.config.output, path)))
+        return folders
+
+    def conclude(self, conclusions: Mapping[str, Conclusion]) -> None:
+        """Hand the main pass the first pass's `conclusions` (reducer name -> conclusion).
+
+        The one change a plan sees once built: the reductions (`execution.reduction`)
+        make it on the client after the first pass and before any task of the main pass
+        is submitted, so each of those tasks receives them with the plan. The fingerprint
+        (and so every worker's compiled copy) stays the same.
+        """
+        object.__setattr__(self, "conclusions", dict(conclusions))
+
+    def for_partition(self, partition: Partition) -> Plan:
+        """The plan as one partition's task needs it: each conclusion cut to the part about
+        the partition's items (`Conclusion.for_partition`), so a task carries a few bytes
+        per item instead of the whole batch's conclusion. The same plan if it has none."""
+        if not self.conclusions:
+            return self
+        cut = Plan(self.job, self.config, self.nodes)
+        for cached in ("fingerprint", "by_name"):
+            if cached in self.__dict__:
+                cut.__dict__[cached] = self.__dict__[cached]
+        cut.conclude({name: c.for_partition(partition) for name, c in self.conclusions.items()})
+        return cut
 
     @cached_property
     def reducers(self) -> tuple[str, ...]:

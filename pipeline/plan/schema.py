@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, create_model
 
 from pipeline.config import BackendConfig, JobConfig
-from pipeline.execution.backends import BACKEND_ALIASES, BACKENDS
+from pipeline.config.model import BackendKind
 from pipeline.stages.registry import stage_kinds
 
 
@@ -37,13 +37,12 @@ def _schema_model() -> type[BaseModel]:
     """JobConfig with typed stages and the short `backend: NAME` form."""
     variants = tuple(_stage_model(kind) for kind in sorted(stage_kinds()))
     stage = Annotated[Union[variants], Field(discriminator="kind")]  # noqa: UP007
-    backend_name = Literal[tuple([*BACKENDS, *BACKEND_ALIASES])]
     return create_model(
         "PipelineConfig",
         __base__=JobConfig,
         __doc__="A pipeline job: a DAG of named stages, run on a Dask backend.",
         backend=(
-            BackendConfig | backend_name,
+            BackendConfig | BackendKind,
             Field(BackendConfig(), description="A backend name, or {kind: NAME, ...}"),
         ),
         stages=(dict[str, stage], Field(description="Named stages; input/inputs make the edges")),
@@ -53,14 +52,7 @@ def _schema_model() -> type[BaseModel]:
 def config_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a config file."""
     schema = _schema_model().model_json_schema()
-    _name_backend_kinds(schema)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def _name_backend_kinds(schema: dict[str, Any]) -> None:
-    """`backend.kind` is a plain string in the model; list its valid names for editors."""
-    kind = schema["$defs"]["BackendConfig"]["properties"]["kind"]
-    kind["enum"] = [*BACKENDS, *BACKEND_ALIASES]
 
 
 def schema_text() -> str:

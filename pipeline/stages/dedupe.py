@@ -10,7 +10,10 @@ report. In each group the item earliest in the input is kept, the others are
 listed as its duplicates. With `drop: true` the duplicates are also skipped
 (status `skipped`, reason `duplicate`) before any later stage, so they are
 never written: that needs the groups before the main pass, so the stages up to
-`dedupe` run once first (a second download and decode, no writes).
+`dedupe` run once first (a second download and decode, no writes). The first pass
+concludes into `Duplicates` (each duplicate's key -> the key kept in its group), which
+reaches the main pass's tasks in their plan, not through a file; the groups file is
+written at the end of the run, as without `drop`.
 
 How it fits the DAG and Dask (see `pipeline.stages.shared.reducing`): a partition's
 records carry each image's 64-bit hash. On the client each finished partition
@@ -35,18 +38,17 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-import fsspec
 import numpy as np
 from pydantic import Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
 from pipeline.records import Item, Partition, Record
+from pipeline.stages.base import AnyOptions
 from pipeline.stages.registry import register
-from pipeline.stages.shared.reducing import Reducer
+from pipeline.stages.shared.reducing import Conclusion, Reducer
 from pipeline.storage import join, write_output
 
 PAIR_CHUNK = 4_000_000  # hash comparisons per array operation (~32 MB of uint64)
@@ -232,63 +234,77 @@ def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
     return sorted(found, key=lambda group: group["keep"])
 
 
-def load_dropped(path: str) -> dict[str, str]:
-    """Each duplicate's key -> the key kept in its group, from a groups file (read once
-    per process and version of the file, not once per partition). A key is never the
-    duplicate of itself."""
-    fs, local = fsspec.core.url_to_fs(path)
-    return _read_dropped(path, fs.checksum(local))
+@dataclass(frozen=True)
+class Duplicates(Conclusion):
+    """What `dedupe` with `drop` concludes in its first pass: the duplicates' keys, sorted,
+    and the key kept in each one's group (two flat arrays: 40 bytes a duplicate)."""
 
+    keys: np.ndarray
+    kept: np.ndarray
 
-@lru_cache(maxsize=4)
-def _read_dropped(path: str, version: int) -> dict[str, str]:
-    with fsspec.open(path, "rb") as handle:
-        groups = json.load(handle)["members"]
-    return {
-        key: group["keep"]
-        for group in groups
-        for key in group["duplicates"]
-        if key != group["keep"]
-    }
+    @classmethod
+    def of(cls, summary: HashSummary) -> Duplicates:
+        """Every member of a group but its earliest (the kept one). A key is in a summary
+        once, so it is never the duplicate of itself."""
+        by_group = np.lexsort((summary.indices, summary.labels))  # by group, then input order
+        labels = summary.labels[by_group]
+        first = np.r_[True, labels[1:] != labels[:-1]] if len(labels) else np.ones(0, bool)
+        kept = by_group[np.flatnonzero(first)][np.cumsum(first) - 1]  # per row of `by_group`
+        duplicates, kept = by_group[~first], kept[~first]
+        order = np.argsort(summary.keys[duplicates], kind="stable")
+        return cls(summary.keys[duplicates[order]], summary.keys[kept[order]])
+
+    def for_partition(self, partition: Partition) -> Duplicates:
+        """Only the duplicates among `partition`'s items."""
+        wanted = np.array([item.key for item in partition.items], dtype="S20")
+        found = np.searchsorted(self.keys, wanted).clip(max=max(len(self.keys) - 1, 0))
+        hits = np.unique(found[self.keys[found] == wanted]) if len(self.keys) else found[:0]
+        return Duplicates(self.keys[hits], self.kept[hits])
+
+    def as_dict(self) -> dict[str, str]:
+        """Each duplicate's key -> the key kept in its group."""
+        return dict(zip(self.keys.astype(str), self.kept.astype(str), strict=True))
 
 
 @register("dedupe")
-class Dedupe(Reducer):
+class Dedupe(Reducer[DedupeOptions]):
     """Report groups of near-duplicate images across all partitions."""
 
     Options = DedupeOptions
     description = "Group near-duplicates across the batch by phash distance (tree reduction)"
 
-    dropped: dict[str, str] = {}
+    dropped: dict[str, str] = {}  # main pass with `drop`: a partition's duplicates -> kept
 
     @property
     def fan_in(self) -> int:  # type: ignore[override]
-        return self.options.fan_in  # type: ignore[attr-defined]
+        return self.options.fan_in
 
     @property
     def needs_first_pass(self) -> bool:
-        return self.options.drop  # type: ignore[attr-defined]
+        return self.options.drop
 
     @classmethod
-    def first_pass_options(cls, options: Options) -> Options:
+    def first_pass_options(cls, options: AnyOptions) -> AnyOptions:
         return options.model_copy(update={"drop": False})
 
     def fingerprint_data(self) -> dict[str, Any]:
         """Groups span the whole batch, so an incremental run must hash every item again
         (a new fingerprint each run); with `drop`, the first pass already does."""
         data = super().fingerprint_data()
-        return data if self.options.drop else {**data, "run": uuid.uuid4().hex}  # type: ignore[attr-defined]
+        return data if self.options.drop else {**data, "run": uuid.uuid4().hex}
 
     @property
     def groups_path(self) -> str:
         return join(self.job.run_dir, f"dedupe-{self.name}.json")
 
-    def for_partition(self, partition: Partition) -> Dedupe:
-        """With `drop`: a copy that knows the first pass's duplicates (key -> kept key)."""
-        if not self.options.drop:  # type: ignore[attr-defined]
-            return self
+    def first_pass_conclusion(self, summary: HashSummary) -> Duplicates:
+        return Duplicates.of(summary)
+
+    def with_conclusion(self, conclusion: Conclusion) -> Dedupe:
+        """With `drop`: a copy that skips the duplicates the first pass found."""
+        assert isinstance(conclusion, Duplicates)
         bound = copy.copy(self)
-        bound.dropped = load_dropped(self.groups_path)
+        bound.dropped = conclusion.as_dict()
         return bound
 
     def run_one(self, item: Item) -> Item | None:
@@ -316,16 +332,16 @@ class Dedupe(Reducer):
         return HashSummary.of(records, self.name)
 
     def combine(self, summaries: list[HashSummary]) -> HashSummary:
-        return merge(summaries, self.options.threshold)  # type: ignore[attr-defined]
+        return merge(summaries, self.options.threshold)
 
     def conclude(self, summary: HashSummary) -> dict[str, Any]:
         groups = groups_of(summary)
         result = {
-            "threshold": self.options.threshold,  # type: ignore[attr-defined]
+            "threshold": self.options.threshold,
             "items": len(summary.keys),
             "groups": len(groups),
             "duplicates": sum(len(group["duplicates"]) for group in groups),
         }
-        document = {**result, "dropped": self.options.drop, "members": groups}  # type: ignore[attr-defined]
+        document = {**result, "dropped": self.options.drop, "members": groups}
         write_output(self.groups_path, json.dumps(document, indent=1).encode())
         return {**result, "file": self.groups_path}

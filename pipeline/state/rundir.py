@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import logs
 from pipeline.plan import Plan
-from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX, output_folder
+from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX
 
 MANIFEST_FILE = "manifest.sqlite"
 HISTORY_FILE = "history.jsonl"
@@ -20,13 +20,9 @@ log = logs.logger("state")
 
 
 def sink_folders(plan: Plan) -> list[Path]:
-    """The local folders sinks write into (their `path` option, relative to the run dir)."""
-    folders = []
-    for node in plan.nodes:
-        path = getattr(node.options, "path", None)
-        if node.role == "sink" and isinstance(path, str) and "://" not in path:
-            folders.append(Path(output_folder(plan.config.output, path)))
-    return folders
+    """`Plan.sink_folders`. (Kept for the runner, `execution.runner`, which still imports it
+    from here.)"""
+    return plan.sink_folders()
 
 
 def remove_stale_temp_files(folders: list[Path]) -> int:
