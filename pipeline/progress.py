@@ -1,4 +1,6 @@
-"""Progress of a run, on every backend: `runner.run` calls a `Progress` after each partition.
+"""Progress of a run, on every backend: a `Progress` given to `pipeline.run(..., progress=)`
+(the CLI's `run` gives one unless `--quiet`) is told the job and its item count as the
+run starts (`start`), then called after each partition.
 
 On a terminal it is a live line, redrawn in place:
 
@@ -86,11 +88,14 @@ def dask_dashboard_link() -> str | None:
 
 
 class Progress:
-    """Callable given to `runner.run(request, on_progress)`; call `close()` at the end."""
+    """Callable given to `pipeline.run(plan, progress=...)`; call `close()` at the end.
+
+    `job` and `total` may be left out: the run gives them to `start` before its first
+    partition, e.g. `pipeline.run(plan, progress=Progress())`."""
 
     def __init__(
         self,
-        job: str,
+        job: str = "",
         total: int | None = None,
         stream: TextIO | None = None,
         live: bool | None = None,
@@ -107,6 +112,12 @@ class Progress:
         self._last = time.monotonic()
         self._drawn = False
         self._log = logger("progress")
+
+    def start(self, job: str, total: int | None) -> None:
+        """The run begins: its job's name and item count (None when not cheap to know)."""
+        self.job = self.job or job
+        self.total = total
+        self._last = time.monotonic()
 
     def __call__(self, stats: RunStats) -> None:
         now = time.monotonic()

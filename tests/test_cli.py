@@ -246,6 +246,18 @@ def test_progress_on_distributed_shows_the_dashboard(tmp_path):
     assert "dashboard http://" in stderr
 
 
+@pytest.mark.slow
+def test_the_dashboard_link_follows_the_verbosity(tmp_path):
+    job = ("run", DEMO, "-b", "distributed", "-w", "1")
+    quiet = cli(*job, "--set", f"output={tmp_path / 'quiet'}", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "dashboard" not in quiet.stderr
+    assert "ok 24, failed 0" in quiet.stdout
+    normal = cli(*job, "--set", f"output={tmp_path / 'normal'}")
+    assert normal.returncode == 0, normal.stderr
+    assert "INFO pipeline.backend: dask dashboard: http://127.0.0.1:" in normal.stderr
+
+
 def test_progress_line_without_a_known_total_has_no_bar_or_eta():
     line = render_line("job", Snapshot(done=40, failed=2, total=None, rate=8.0, elapsed=5.0))
     assert line == "job  40 items  failed 2  8.0 items/s"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.execution.runner import RunRequest
+import pipeline
+from pipeline.execution.runner import backend_overrides
+from pipeline.plan import Plan
 
 
 def add_verbosity_flags(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -55,14 +57,13 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://host:8786")
 
 
-def request_from(args: argparse.Namespace) -> RunRequest:
-    """The run the command line asks for."""
-    return RunRequest(
-        config=args.config,
-        overrides=tuple(args.overrides),
-        backend=getattr(args, "backend", None),
-        workers=getattr(args, "workers", None),
-        scheduler=getattr(args, "scheduler", None),
-        retry_failed=getattr(args, "retry_failed", False),
-        full=getattr(args, "full", False),
-    )
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides, with `--backend`, `--workers` and `--scheduler` in the same form
+    (so that a problem with one says `--set backend.kind: ...`)."""
+    flags = [getattr(args, name, None) for name in ("backend", "workers", "scheduler")]
+    return [*args.overrides, *backend_overrides(*flags)]
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """The plan the command line asks for: `pipeline.load` of CONFIG with the overrides."""
+    return pipeline.load(args.config, overrides_from(args))

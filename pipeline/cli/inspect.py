@@ -5,25 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pipeline.cli.arguments import (
     add_backend_arguments,
     add_config_arguments,
     add_verbosity_flags,
-    request_from,
+    plan_from,
 )
 from pipeline.errors import EXIT_OK
-from pipeline.execution.backends import Backend, DistributedBackend
-from pipeline.execution.runner import RunRequest, prepare
-from pipeline.execution.worker import sinks_below
+from pipeline.execution.backends import Backend
+from pipeline.execution.runner import backend_for, plan_warnings
 from pipeline.plan import Plan
 from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
 from pipeline.plan.schema import schema_text
 from pipeline.state.results import REPORT_FILE, RESULTS_FILE
 from pipeline.storage import output_folder
 
-LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 GRAPH_FORMATS = ("mermaid", "dot", *RENDER_FORMATS)
 
 
@@ -48,13 +45,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_plan(args: argparse.Namespace) -> int:
-    request = request_from(args)
-    print(describe_plan(request, *prepare(request)))
+    plan = plan_from(args)
+    print(describe_plan(args.config, plan, backend_for(plan)))
     return EXIT_OK
 
 
 def command_graph(args: argparse.Namespace) -> int:
-    plan, _ = prepare(request_from(args))
+    plan = plan_from(args)
     image_format = args.format or _format_of(args.output)
     text = mermaid(plan) if image_format == "mermaid" else dot(plan)
     data = render(text, image_format) if image_format in RENDER_FORMATS else text.encode()
@@ -83,14 +80,14 @@ def _write(data: bytes, output: Path | None) -> None:
         print(f"wrote {output}", file=sys.stderr)
 
 
-def describe_plan(request: RunRequest, plan: Plan, backend: Backend) -> str:
+def describe_plan(path: Path, plan: Plan, backend: Backend) -> str:
     """What `run` would do: backend, items and partitions, stages, outputs, warnings."""
     config = plan.config
     total = plan.count_items()
     width = max(len(node.name) for node in plan.nodes)
     kind_width = max(len(node.kind) for node in plan.nodes)
     lines = [
-        f"job        {config.name}  ({request.config}, config hash {plan.fingerprint})",
+        f"job        {config.name}  ({path}, config hash {plan.fingerprint})",
         f"backend    {backend.describe()}, up to {backend.max_in_flight} partitions in flight",
         f"items      {_items(total, config.partition_size)}",
         f"output     {config.output}/  ({RESULTS_FILE}, {REPORT_FILE})",
@@ -103,7 +100,7 @@ def describe_plan(request: RunRequest, plan: Plan, backend: Backend) -> str:
             f"  {node.name:<{width}}  {node.kind:<{kind_width}}  {edges}"
             + (f"  -> {where}" if where else "")
         )
-    problems = warnings(plan, backend, total)
+    problems = plan_warnings(plan, backend, total)
     lines.append("warnings   " + ("none" if not problems else problems[0]))
     lines += [f"           {problem}" for problem in problems[1:]]
     return "\n".join(lines)
@@ -120,33 +117,3 @@ def _sink_path(run_dir: str, options: object) -> str | None:
     """Where a sink writes: its `path` option, inside the run directory unless absolute."""
     path = getattr(options, "path", None)
     return output_folder(run_dir, path) if isinstance(path, str) else None
-
-
-def warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
-    """Things that are valid but probably not what the user wants."""
-    found = []
-    output = plan.config.output
-    if isinstance(backend, DistributedBackend) and backend.address:
-        host = urlsplit(backend.address if "://" in backend.address else f"//{backend.address}")
-        if host.hostname not in LOCAL_HOSTS and urlsplit(output).scheme in ("", "file"):
-            found.append(
-                f"output {output} is a local path but the scheduler is {backend.address}: "
-                "each worker writes to its own disk; use a shared path or URL"
-            )
-    below = sinks_below(plan)
-    for node in plan.nodes:
-        if not below[node.name]:
-            found.append(
-                f"stage {node.name} feeds no sink: it will not run "
-                "(add a sink below it, or remove it)"
-            )
-    if total == 0:
-        found.append("the sources hold no items: the run will do nothing")
-    elif total is not None:
-        partitions = -(-total // plan.config.partition_size)
-        if partitions < backend.workers:
-            found.append(
-                f"{partitions} partition(s) for {backend.workers} workers: some stay idle; "
-                "lower partition_size"
-            )
-    return found

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.cli.arguments import add_backend_arguments, add_config_arguments, request_from
-from pipeline.cli.inspect import describe_plan, warnings
+import pipeline
+from pipeline.cli.arguments import add_backend_arguments, add_config_arguments, plan_from
+from pipeline.cli.inspect import describe_plan
 from pipeline.errors import EXIT_OK, ItemsFailedError
-from pipeline.execution.runner import prepare, run
-from pipeline.logs import fields, logger
+from pipeline.execution.runner import backend_for
 from pipeline.progress import Progress
 
 
@@ -41,20 +41,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    request = request_from(args)
-    plan, backend = prepare(request)
+    plan = plan_from(args)
     if args.dry_run:
-        print(describe_plan(request, plan, backend))
+        print(describe_plan(args.config, plan, backend_for(plan)))
         return EXIT_OK
-    total = plan.count_items()
-    logger().info("run %s", fields(job=plan.config.name, items=total, backend=backend.describe()))
-    for warning in warnings(plan, backend, total):
-        logger().warning(warning)
     progress = None
-    if args.verbosity != "quiet":
-        progress = Progress(plan.config.name, total, interval=args.progress_interval)
+    if args.verbosity != "quiet":  # the run tells it the job's item count as it starts
+        progress = Progress(plan.config.name, interval=args.progress_interval)
     try:
-        report = run(request, progress)
+        report = pipeline.run(
+            plan, retry_failed=args.retry_failed, full=args.full, progress=progress
+        )
     finally:
         if progress:
             progress.close()
@@ -65,9 +62,10 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    plan, backend = prepare(request_from(args))
+    plan = plan_from(args)
     stages = ", ".join(f"{node.name} ({node.kind})" for node in plan.nodes)
-    print(f"{args.config}: ok: {len(plan.nodes)} stages: {stages}; backend {backend.describe()}")
+    backend = backend_for(plan).describe()
+    print(f"{args.config}: ok: {len(plan.nodes)} stages: {stages}; backend {backend}")
     return EXIT_OK
 
 

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.config import BackendConfig
 from pipeline.config.model import suggest
 from pipeline.errors import ConfigError, RunIncompleteError
+from pipeline.logs import logger
 from pipeline.plan import Plan
 from pipeline.records import Partition
 from pipeline.stages.registry import stage_modules
 
 if TYPE_CHECKING:
     from distributed import Client
+
+log = logger("backend")
 
 TASK_RETRIES = 1  # distributed re-runs a task that raised (not item errors: those are records)
 CONNECT_TIMEOUT = "10s"
@@ -233,7 +236,7 @@ class DistributedBackend(Backend):
         self.workers, self.threads = len(threads), sum(threads.values())
         if "dashboard" in self.client.scheduler_info()["services"]:  # served if bokeh is there
             self.dashboard_link = self.client.dashboard_link
-            print(f"dask dashboard: {self.dashboard_link}", file=sys.stderr, flush=True)
+            log.info("dask dashboard: %s", self.dashboard_link)  # --quiet hides it
         return self.client.get_executor(pure=False, retries=TASK_RETRIES)
 
     def _connect(self) -> Client:

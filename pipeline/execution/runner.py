@@ -1,26 +1,33 @@
 """Run a job end to end: config -> plan -> lock -> manifest -> backend -> run directory.
 
-A run holds the run directory's lock throughout, asks the manifest what is left
-to do, runs only that, and records each finished partition in the manifest
-after its outputs were written. Whatever happens, it appends its report to the
-history; the exit code it carries follows `pipeline.errors`.
+`load_plan` turns a config file (or a mapping) into a validated plan; `run` runs a
+plan. A run holds the run directory's lock throughout, logs what it is about to do
+(with the plan's warnings), asks the manifest what is left to do, runs only that,
+and records each finished partition in the manifest after its outputs were
+written. Whatever happens, it appends its report to the history; the exit code it
+carries follows `pipeline.errors`. `pipeline.load` and `pipeline.run` are the
+public face of this module; the command line is a thin layer over them.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pipeline.config import load_document, validate_job
+from pipeline.config import BackendConfig, ConfigDocument, load_document, validate_job
+from pipeline.config.document import _apply_override, _interpolate
+from pipeline.config.model import validate_model
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
-from pipeline.execution.backends import Backend, backend_class
+from pipeline.execution.backends import Backend, DistributedBackend, backend_class
 from pipeline.execution.engine import OnRecords, execute, plan_partitions
 from pipeline.execution.reduction import After, Reductions
-from pipeline.logs import logger
+from pipeline.logs import fields, logger
 from pipeline.plan import Plan, build_plan, stage_problems
 from pipeline.records import Partition, Record
 from pipeline.state.history import append_history, new_run_id
@@ -39,10 +46,134 @@ from pipeline.state.rundir import MANIFEST_FILE, log_file, remove_stale_temp_fil
 
 log = logger("run")
 
+OnProgress = Callable[[RunStats], None]
+ConfigSource = str | os.PathLike[str] | Mapping[str, Any]
+
+# A config given as a mapping has no file: its problems name the key, after this label.
+MAPPING_SOURCE = "<dict>"
+LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+# The backend settings the command line and `pipeline.run` have their own arguments for.
+BACKEND_FLAGS = {"backend": "kind", "workers": "workers", "scheduler": "address"}
+
+
+def load_plan(source: ConfigSource, overrides: Iterable[str] = ()) -> Plan:
+    """A config file, or a mapping of the same keys, with `key=value` overrides
+    applied, as a validated plan; one ConfigError naming every problem otherwise."""
+    return plan_of(config_document(source, overrides))
+
+
+def config_document(source: ConfigSource, overrides: Iterable[str] = ()) -> ConfigDocument:
+    """`source` parsed, `${VAR}` interpolated, overrides applied. A file's problems say
+    `file:line: key`; a mapping has no lines, so its problems say `<dict>: key`."""
+    if not isinstance(source, Mapping):
+        return load_document(Path(source), overrides)
+    data = copy.deepcopy(dict(source))  # interpolation and overrides edit it in place
+    doc = ConfigDocument(path=Path(MAPPING_SOURCE), data=data)
+    problems = _interpolate(doc, doc.data, ())
+    for assignment in overrides:
+        problems += _apply_override(doc, assignment)
+    if problems:
+        raise ConfigError(problems)
+    return doc
+
+
+def plan_of(doc: ConfigDocument) -> Plan:
+    """Validate the job, its backend's kind and its stages; plan it."""
+    job, problems = validate_job(doc)
+    if job is not None:
+        problems += _backend_kind_problems(doc, job.backend.kind)
+    if job is None or problems:
+        raise ConfigError(problems + stage_problems(doc))
+    return build_plan(job, doc)
+
+
+def backend_overrides(
+    backend: str | None = None, workers: int | None = None, scheduler: str | None = None
+) -> list[str]:
+    """`--backend`, `--workers` and `--scheduler` as the `backend.*=value` overrides they
+    stand for; a scheduler alone means the distributed backend."""
+    values = {"backend": backend, "workers": workers, "scheduler": scheduler}
+    found = [f"backend.{BACKEND_FLAGS[k]}={v}" for k, v in values.items() if v is not None]
+    if scheduler and not backend:
+        found.append("backend.kind=distributed")
+    return found
+
+
+def with_backend(
+    plan: Plan,
+    backend: str | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+) -> Plan:
+    """`plan` on another backend: the arguments that are not None replace its
+    `backend.kind`, `backend.workers` and `backend.address` (a scheduler alone means
+    the distributed backend). A problem names the argument: `run(workers=0): ...`."""
+    given = {"backend": backend, "workers": workers, "scheduler": scheduler}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return plan
+    if scheduler and not backend:
+        given["backend"] = "distributed"
+    doc = ConfigDocument(path=Path("run()"), data={})
+    settings = plan.config.backend.model_dump(exclude_defaults=True)
+    for name, value in given.items():
+        settings[BACKEND_FLAGS[name]] = value
+        doc.overrides[("backend", BACKEND_FLAGS[name])] = f"run({name}={value!r})"
+    config, problems = validate_model(doc, BackendConfig, settings, ("backend",))
+    if config is not None:
+        problems += _backend_kind_problems(doc, config.kind)
+    if config is None or problems:
+        raise ConfigError(problems)
+    return replace(plan, config=plan.config.model_copy(update={"backend": config}))
+
+
+def _backend_kind_problems(doc: ConfigDocument, kind: str) -> list[str]:
+    try:
+        backend_class(kind)
+    except ConfigError as exc:
+        return [doc.problem(("backend", "kind"), str(exc))]
+    return []
+
+
+def backend_for(plan: Plan) -> Backend:
+    """The backend the plan's config asks for (not started yet)."""
+    return backend_class(plan.config.backend.kind)(plan.config.backend)
+
+
+def plan_warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
+    """Things that are valid but probably not what the user wants (`total`: the item
+    count, when known). `pipeline plan` shows them; a run logs them as it starts."""
+    found = []
+    output = plan.config.output
+    if isinstance(backend, DistributedBackend) and backend.address:
+        host = urlsplit(backend.address if "://" in backend.address else f"//{backend.address}")
+        if host.hostname not in LOCAL_HOSTS and urlsplit(output).scheme in ("", "file"):
+            found.append(
+                f"output {output} is a local path but the scheduler is {backend.address}: "
+                "each worker writes to its own disk; use a shared path or URL"
+            )
+    for node in plan.nodes:
+        if not plan.sinks_below(node.name):
+            found.append(
+                f"stage {node.name} feeds no sink: it will not run "
+                "(add a sink below it, or remove it)"
+            )
+    if total == 0:
+        found.append("the sources hold no items: the run will do nothing")
+    elif total is not None:
+        partitions = -(-total // plan.config.partition_size)
+        if partitions < backend.workers:
+            found.append(
+                f"{partitions} partition(s) for {backend.workers} workers: some stay idle; "
+                "lower partition_size"
+            )
+    return found
+
 
 @dataclass(frozen=True)
 class RunRequest:
-    """What the user asked for: a config file plus command-line overrides."""
+    """A config file plus command-line style overrides and flags: what `run` accepted
+    before it took a plan, still accepted (`prepare` turns it into a plan and backend)."""
 
     config: Path
     overrides: Sequence[str] = ()
@@ -54,15 +185,7 @@ class RunRequest:
 
     def all_overrides(self) -> list[str]:
         """`--set` overrides, with the dedicated flags turned into the same form."""
-        flags = {
-            "backend.kind": self.backend,
-            "backend.workers": self.workers,
-            "backend.address": self.scheduler,
-        }
-        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-        if self.scheduler and not self.backend:
-            extra.append("backend.kind=distributed")
-        return [*self.overrides, *extra]
+        return [*self.overrides, *backend_overrides(self.backend, self.workers, self.scheduler)]
 
     @property
     def policy(self) -> Policy:
@@ -71,148 +194,165 @@ class RunRequest:
 
 def prepare(request: RunRequest) -> tuple[Plan, Backend]:
     """Load, validate and plan; raise one ConfigError naming every problem."""
-    doc = load_document(request.config, request.all_overrides())
-    job, problems = validate_job(doc)
-    cls = None
-    if job is not None:
-        try:
-            cls = backend_class(job.backend.kind)
-        except ConfigError as exc:
-            problems.append(doc.problem(("backend", "kind"), str(exc)))
-    if job is None or cls is None:
-        raise ConfigError(problems + stage_problems(doc))
-    return build_plan(job, doc), cls(job.backend)
+    plan = load_plan(request.config, request.all_overrides())
+    return plan, backend_for(plan)
 
 
 def run(
-    request: RunRequest, on_progress: Callable[[RunStats], None] | None = None
+    job: Plan | RunRequest,
+    on_progress: OnProgress | None = None,
+    *,
+    backend: Backend | None = None,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
-    """Run the job; return its report (also written to the run directory and its history).
+    """Run a plan (on `backend`, default the one its config names); return its report,
+    also written to the run directory and its history.
 
-    Raises LockHeldError (touching nothing) if another run holds the lock, and
-    RunIncompleteError if the run could not complete.
+    `on_progress(stats)` is called after every partition; if it has a `start(job,
+    total)` method, that is called once first with the job's name and its item count
+    (None when not cheap to know). Raises LockHeldError (touching nothing) if another
+    run holds the lock, and RunIncompleteError if the run could not complete; a run
+    whose items failed returns its report, with exit code 1 when over the tolerance.
     """
-    plan, backend = prepare(request)
+    if isinstance(job, RunRequest):
+        policy = policy or job.policy
+        job = load_plan(job.config, job.all_overrides())
+    plan = job
+    backend = backend or backend_for(plan)
     run_dir = Path(plan.config.output)
     with (
         RunLock(run_dir),
         log_file(run_dir, plan.config.log_file),
         Manifest(run_dir / MANIFEST_FILE) as manifest,
     ):
-        return _run_locked(plan, backend, manifest, request.policy, on_progress)
+        _announce(plan, backend, on_progress)  # counting items is not the run's wall time
+        return RunContext(plan, backend, manifest, policy or Policy(), on_progress).run()
 
 
-def _run_locked(
-    plan: Plan,
-    backend: Backend,
-    manifest: Manifest,
-    policy: Policy,
-    on_progress: Callable[[RunStats], None] | None,
-) -> dict[str, Any]:
-    run_dir = Path(plan.config.output)
-    stats = RunStats()
-    context = _started(plan, backend, policy, stats)
-    remove_stale_temp_files(sink_folders(plan))
-    try:
-        reduced = _process(plan, backend, manifest, policy, context["run_id"], stats, on_progress)
-    except PipelineError as error:
-        _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
-        raise
-    except Exception as exc:  # the backend broke: the run could not complete
-        error = RunIncompleteError(f"the run stopped: {type(exc).__name__}: {exc}")
-        _finish(run_dir, stats.report(**context), error.exit_code, error=str(error))
-        raise error from exc
-    config = plan.config
-    code, tolerated = items_exit_code(stats.statuses, config.max_failed, config.max_failed_fraction)
-    extra = {"reductions": reduced} if reduced else {}
-    return _finish(run_dir, stats.report(**context), code, failures_tolerated=tolerated, **extra)
+def _announce(plan: Plan, backend: Backend, on_progress: OnProgress | None) -> None:
+    """Log the job, its item count and the plan's warnings; start the progress display."""
+    total = plan.count_items()
+    logger().info("run %s", fields(job=plan.config.name, items=total, backend=backend.describe()))
+    for warning in plan_warnings(plan, backend, total):
+        logger().warning(warning)
+    start = getattr(on_progress, "start", None)
+    if callable(start):
+        start(plan.config.name, total)
 
 
-def _started(plan: Plan, backend: Backend, policy: Policy, stats: RunStats) -> dict[str, Any]:
-    """A new run's context for its reports; its start goes into the history and the log."""
-    context = {
-        "job": plan.config.name,
-        "run_id": new_run_id(),
-        "config_hash": plan.fingerprint,
-        "backend": backend.describe(),
-        "run_dir": plan.config.output,
-        "mode": "full" if policy.full else "retry-failed" if policy.retry_failed else "incremental",
-    }
-    start = {"event": "start", "started_at": iso_time(stats.started), "pid": os.getpid()}
-    append_history(plan.config.output, {**context, **start})
-    log.info("run %(run_id)s of %(job)s started (%(mode)s, %(backend)s)", context)
-    return context
+@dataclass
+class RunContext:
+    """One run of a plan, inside its run directory's lock: what it runs, where, how
+    much of the manifest it trusts, and its running totals."""
 
+    plan: Plan
+    backend: Backend
+    manifest: Manifest
+    policy: Policy
+    on_progress: OnProgress | None = None
+    run_id: str = field(default_factory=new_run_id)
+    stats: RunStats = field(default_factory=RunStats)
 
-def _process(
-    plan: Plan,
-    backend: Backend,
-    manifest: Manifest,
-    policy: Policy,
-    run_id: str,
-    stats: RunStats,
-    on_progress: Callable[[RunStats], None] | None,
-) -> dict[str, Any]:
-    """Skip what is done, run the rest; record every item, commit finished partitions.
-    Returns the results of the plan's reducing stages (see `execution.reduction`)."""
-    reductions = Reductions(plan)
-    reductions.first_pass(backend)  # only when a reducer acts before outputs are written
-    with ResultsWriter(plan.config.output) as results:
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.plan.config.output)
 
-        def add(records: list[Record]) -> None:
-            results.write(records)
-            stats.add(records)
-            reductions.add(records)
-            if on_progress:
-                on_progress(stats)
+    @property
+    def mode(self) -> str:
+        if self.policy.full:
+            return "full"
+        return "retry-failed" if self.policy.retry_failed else "incremental"
 
-        incremental = Incremental(
-            manifest,
-            sink_fingerprints(plan),
-            {source: plan.sinks_below(source) for source in plan.sources},
-            policy,
-            plan.config.partition_size,
-            on_skipped=add,
+    def run(self) -> dict[str, Any]:
+        """Start, process, finish: the report, also when the run stops half-way."""
+        context = self._started()
+        remove_stale_temp_files(sink_folders(self.plan))
+        try:
+            reduced = self.process()
+        except PipelineError as error:
+            self._finish(context, error.exit_code, error=str(error))
+            raise
+        except Exception as exc:  # the backend broke: the run could not complete
+            stopped = RunIncompleteError(f"the run stopped: {type(exc).__name__}: {exc}")
+            self._finish(context, stopped.exit_code, error=str(stopped))
+            raise stopped from exc
+        config = self.plan.config
+        statuses = self.stats.statuses
+        code, tolerated = items_exit_code(statuses, config.max_failed, config.max_failed_fraction)
+        extra = {"reductions": reduced} if reduced else {}
+        return self._finish(context, code, failures_tolerated=tolerated, **extra)
+
+    def _started(self) -> dict[str, Any]:
+        """This run's context for its reports; its start goes into the history and the log."""
+        context = {
+            "job": self.plan.config.name,
+            "run_id": self.run_id,
+            "config_hash": self.plan.fingerprint,
+            "backend": self.backend.describe(),
+            "run_dir": self.plan.config.output,
+            "mode": self.mode,
+        }
+        start = {"event": "start", "started_at": iso_time(self.stats.started), "pid": os.getpid()}
+        append_history(self.run_dir, {**context, **start})
+        log.info("run %(run_id)s of %(job)s started (%(mode)s, %(backend)s)", context)
+        return context
+
+    def process(self) -> dict[str, Any]:
+        """Skip what is done, run the rest; record every item, commit finished partitions.
+        Returns the results of the plan's reducing stages (see `execution.reduction`)."""
+        plan = self.plan
+        reductions = Reductions(plan)
+        reductions.first_pass(self.backend)  # only when a reducer acts before outputs are written
+        with ResultsWriter(plan.config.output) as results:
+
+            def add(records: list[Record]) -> None:
+                results.write(records)
+                self.stats.add(records)
+                reductions.add(records)
+                if self.on_progress:
+                    self.on_progress(self.stats)
+
+            incremental = Incremental(
+                self.manifest,
+                sink_fingerprints(plan),
+                {source: plan.sinks_below(source) for source in plan.sources},
+                self.policy,
+                plan.config.partition_size,
+                on_skipped=add,
+            )
+
+            def on_records(records: list[Record]) -> None:
+                add(records)
+                incremental.commit(records, self.run_id)
+
+            pending = incremental.pending(plan_partitions(plan))
+            self._execute_pending(pending, on_records, reductions.run)
+        return reductions.results
+
+    def _execute_pending(
+        self, pending: Iterator[Partition], on_records: OnRecords, after: After
+    ) -> None:
+        """Start the backend only if there is work: an unchanged batch never starts one
+        (reductions then run in this process)."""
+        first = next(pending, None)
+        if first is not None:
+            execute(self.plan, self.backend, chain([first], pending), on_records, after=after)
+        else:
+            after(None)
+
+    def _finish(self, context: dict[str, Any], exit_code: int, **extra: Any) -> dict[str, Any]:
+        report = {**self.stats.report(**context), **extra, "exit_code": exit_code}
+        write_report(self.run_dir, report)
+        append_history(self.run_dir, {**report, "event": "end"})
+        counts = report["counts"]
+        log.info(  # INFO: the CLI prints the error itself; this line is for the run's log file
+            "run %s ended with exit %d: ok %d, failed %d, skipped %d in %.1fs%s",
+            report["run_id"],
+            exit_code,
+            counts["ok"],
+            counts["failed"],
+            counts["skipped"],
+            report["wall_seconds"],
+            f": {report['error']}" if "error" in report else "",
         )
-
-        def on_records(records: list[Record]) -> None:
-            add(records)
-            incremental.commit(records, run_id)
-
-        pending = incremental.pending(plan_partitions(plan))
-        _execute_pending(plan, backend, pending, on_records, reductions.run)
-    return reductions.results
-
-
-def _execute_pending(
-    plan: Plan,
-    backend: Backend,
-    pending: Iterator[Partition],
-    on_records: OnRecords,
-    after: After,
-) -> None:
-    """Start the backend only if there is work: an unchanged batch never starts one
-    (reductions then run in this process)."""
-    first = next(pending, None)
-    if first is not None:
-        execute(plan, backend, chain([first], pending), on_records, after=after)
-    else:
-        after(None)
-
-
-def _finish(run_dir: Path, report: dict[str, Any], exit_code: int, **extra: Any) -> dict[str, Any]:
-    report = {**report, **extra, "exit_code": exit_code}
-    write_report(run_dir, report)
-    append_history(run_dir, {**report, "event": "end"})
-    counts = report["counts"]
-    log.info(  # INFO: the CLI prints the error itself; this line is for the run's log file
-        "run %s ended with exit %d: ok %d, failed %d, skipped %d in %.1fs%s",
-        report["run_id"],
-        exit_code,
-        counts["ok"],
-        counts["failed"],
-        counts["skipped"],
-        report["wall_seconds"],
-        f": {report['error']}" if "error" in report else "",
-    )
-    return report
+        return report
