@@ -7,6 +7,7 @@ own scheduler, because the scheduler remembers shipped code for workers that joi
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import sysconfig
@@ -18,6 +19,7 @@ import pytest
 from distributed import Client
 from PIL import Image
 
+from pipeline import logs
 from pipeline.errors import RunIncompleteError
 from pipeline.execution import backends
 from pipeline.execution.runner import RunRequest, prepare, run
@@ -71,15 +73,19 @@ def threads_outputs(job, tmp_path_factory):
     return outputs(out)
 
 
-def test_cluster_writes_the_same_bytes_as_threads(cluster, job, threads_outputs, tmp_path, capfd):
+def test_cluster_writes_the_same_bytes_as_threads(
+    cluster, job, threads_outputs, tmp_path, caplog, monkeypatch
+):
     out = tmp_path / "out"
-    report = run(RunRequest(config=job(out, "cluster"), scheduler=cluster.address))
+    monkeypatch.setattr(logs.logger(), "propagate", True)  # a CLI run here may have stopped it
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        report = run(RunRequest(config=job(out, "cluster"), scheduler=cluster.address))
     assert report["backend"] == f"distributed on {cluster.address}"
     assert outputs(out) == threads_outputs
     assert len(threads_outputs) == 26
     assert len(records(out)) == 16
     assert report["counts"] == {"ok": 13, "failed": 3, "skipped": 0}
-    assert "dask dashboard: http://127.0.0.1:" in capfd.readouterr().err
+    assert "dask dashboard: http://127.0.0.1:" in caplog.text
 
 
 @pytest.fixture(scope="module")
