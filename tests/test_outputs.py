@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from pipeline.errors import RunIncompleteError
 from pipeline import storage as outputs
+from pipeline.errors import RunIncompleteError
 from pipeline.storage import atomic_write, durable_batch
 
 

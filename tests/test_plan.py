@@ -92,7 +92,8 @@ def partition(*urls: str) -> Partition:
 def test_conclusions_travel_with_the_plan_cut_to_each_partition(plan):
     fingerprint = plan.fingerprint
     a, b, c = (partition(url).items[0].key for url in ("http://x/a", "http://x/b", "http://x/c"))
-    plan.conclude({"near": duplicates((b, a), (c, a))})
+    built, plan = plan, plan.with_conclusions({"near": duplicates((b, a), (c, a))})
+    assert built.conclusions == {}  # a plan, once built, never changes
     assert plan.fingerprint == fingerprint  # task data: the compiled stages are the same
     copied = pickle.loads(pickle.dumps(plan))
     assert copied.conclusions["near"].as_dict() == {b: a, c: a}

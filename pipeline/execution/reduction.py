@@ -6,7 +6,7 @@ backend, and conclude on the client (the protocol: `pipeline.stages.shared.reduc
                             (the stages those reducers read from, them in first-pass
                             mode, no sinks), summarize and tree-reduce only them, and
                             put each one's `first_pass_conclusion` into the main plan
-                            (`Plan.conclude`): the main pass's tasks receive it there
+                            (`Plan.with_conclusions`): the main pass's tasks receive it there
     .add(records)           main pass, per partition: summarize, for every reducer
                             without a first pass
     .run(executor)          after the main pass: tree-reduce those, then `conclude`
@@ -69,13 +69,13 @@ class Reductions:
         self.first_pass_summaries: dict[str, Any] = {}  # whole-batch, of the first pass
         self.results: dict[str, dict[str, Any]] = {}
 
-    def first_pass(self, backend: Backend) -> None:
+    def first_pass(self, backend: Backend) -> Plan:
         """Before the main pass, for the reducers that need their conclusion in it: run
-        only what they read from, reduce only them, and give the main plan what they
-        concluded."""
+        only what they read from, reduce only them, and return the main pass's plan,
+        with what they concluded (the plan itself if no reducer needs a first pass)."""
         early = [name for name, reducer in self.reducers.items() if reducer.needs_first_pass]
         if not early:
-            return
+            return self.plan
         plan = first_pass_plan(self.plan, early)
 
         def summarize(records: list[Record]) -> None:
@@ -87,7 +87,7 @@ class Reductions:
                 self.first_pass_summaries[name] = self.tree_reduce(_executor(executor), plan, name)
 
         execute(plan, backend, plan_partitions(plan), summarize, after=reduce)
-        self.plan.conclude(
+        return self.plan.with_conclusions(
             {
                 name: self.reducers[name].first_pass_conclusion(summary)
                 for name, summary in self.first_pass_summaries.items()

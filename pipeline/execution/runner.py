@@ -300,9 +300,8 @@ class RunContext:
     def process(self) -> dict[str, Any]:
         """Skip what is done, run the rest; record every item, commit finished partitions.
         Returns the results of the plan's reducing stages (see `execution.reduction`)."""
-        plan = self.plan
-        reductions = Reductions(plan)
-        reductions.first_pass(self.backend)  # only when a reducer acts before outputs are written
+        reductions = Reductions(self.plan)
+        plan = reductions.first_pass(self.backend)  # when a reducer acts before any write
         with ResultsWriter(plan.config.output) as results:
 
             def add(records: list[Record]) -> None:
@@ -326,17 +325,17 @@ class RunContext:
                 incremental.commit(records, self.run_id)
 
             pending = incremental.pending(plan_partitions(plan))
-            self._execute_pending(pending, on_records, reductions.run)
+            self._execute_pending(plan, pending, on_records, reductions.run)
         return reductions.results
 
     def _execute_pending(
-        self, pending: Iterator[Partition], on_records: OnRecords, after: After
+        self, plan: Plan, pending: Iterator[Partition], on_records: OnRecords, after: After
     ) -> None:
         """Start the backend only if there is work: an unchanged batch never starts one
         (reductions then run in this process)."""
         first = next(pending, None)
         if first is not None:
-            execute(self.plan, self.backend, chain([first], pending), on_records, after=after)
+            execute(plan, self.backend, chain([first], pending), on_records, after=after)
         else:
             after(None)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -103,15 +103,15 @@ class Plan:
                 folders.append(Path(output_folder(self.config.output, path)))
         return folders
 
-    def conclude(self, conclusions: Mapping[str, Conclusion]) -> None:
-        """Hand the main pass the first pass's `conclusions` (reducer name -> conclusion).
-
-        The one change a plan sees once built: the reductions (`execution.reduction`)
-        make it on the client after the first pass and before any task of the main pass
-        is submitted, so each of those tasks receives them with the plan. The fingerprint
-        (and so every worker's compiled copy) stays the same.
-        """
-        object.__setattr__(self, "conclusions", dict(conclusions))
+    def with_conclusions(self, conclusions: Mapping[str, Conclusion]) -> Plan:
+        """This plan for the main pass: with the first pass's `conclusions` (reducer name ->
+        conclusion), which each of its tasks then receives. The stages, and so the
+        fingerprint and every worker's compiled copy, are the same."""
+        concluded = replace(self, conclusions=dict(conclusions))
+        for cached in ("fingerprint", "by_name"):
+            if cached in self.__dict__:
+                concluded.__dict__[cached] = self.__dict__[cached]
+        return concluded
 
     def for_partition(self, partition: Partition) -> Plan:
         """The plan as one partition's task needs it: each conclusion cut to the part about
@@ -119,12 +119,9 @@ class Plan:
         per item instead of the whole batch's conclusion. The same plan if it has none."""
         if not self.conclusions:
             return self
-        cut = Plan(self.job, self.config, self.nodes)
-        for cached in ("fingerprint", "by_name"):
-            if cached in self.__dict__:
-                cut.__dict__[cached] = self.__dict__[cached]
-        cut.conclude({name: c.for_partition(partition) for name, c in self.conclusions.items()})
-        return cut
+        return self.with_conclusions(
+            {name: c.for_partition(partition) for name, c in self.conclusions.items()}
+        )
 
     @cached_property
     def reducers(self) -> tuple[str, ...]:
