@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.config.document import ConfigDocument, load_document
+from pipeline.config.document import ConfigDocument, load_document, mapping_document
 from pipeline.config.model import BackendConfig, JobConfig, Options, StageConfig, validate_model
 from pipeline.errors import ConfigError
 
@@ -16,6 +16,8 @@ __all__ = [
     "Options",
     "StageConfig",
     "load_config",
+    "load_document",
+    "mapping_document",
     "validate_job",
 ]
 

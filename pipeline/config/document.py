@@ -8,6 +8,7 @@ every later validation error can say `file:line: dotted.key: problem`.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+
+MAPPING_SOURCE = "<dict>"  # the `path` of a config given as a mapping
 
 Loc = tuple[str | int, ...]
 
@@ -79,7 +82,17 @@ def load_document(path: str | Path, overrides: Iterable[str] = ()) -> ConfigDocu
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    doc = parse_yaml(text, path)
+    return _prepared(parse_yaml(text, path), overrides)
+
+
+def mapping_document(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> ConfigDocument:
+    """A config given as a mapping (the Python API), interpolated and overridden like a
+    file; it has no lines, so its problems say `<dict>: key`. `data` is not changed."""
+    doc = ConfigDocument(path=Path(MAPPING_SOURCE), data=copy.deepcopy(dict(data)))
+    return _prepared(doc, overrides)
+
+
+def _prepared(doc: ConfigDocument, overrides: Iterable[str]) -> ConfigDocument:
     problems = _interpolate(doc, doc.data, ())
     for assignment in overrides:
         problems += _apply_override(doc, assignment)

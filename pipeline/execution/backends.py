@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import BackendConfig
-from pipeline.config.model import suggest
+from pipeline.config.model import unknown_backend
 from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.logs import logger
 from pipeline.plan import Plan
@@ -311,9 +311,5 @@ def backend_class(name: str) -> type[Backend]:
     """The backend for `name` or an alias; ConfigError listing valid names otherwise."""
     canonical = BACKEND_ALIASES.get(name, name)
     if canonical not in BACKENDS:
-        names = [*BACKENDS, *BACKEND_ALIASES]
-        raise ConfigError(
-            f"unknown backend '{name}'{suggest(name, names)} "
-            f"(valid: {', '.join(BACKENDS)}; aliases: {', '.join(BACKEND_ALIASES)})"
-        )
+        raise ConfigError(unknown_backend(name))
     return BACKENDS[canonical]

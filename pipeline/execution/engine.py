@@ -104,7 +104,8 @@ class _Stream:
 
     def _start(self, partition: Partition) -> Future[list[Record]]:
         options = self.backend.task_options(partition)
-        return self.executor.submit(run_partition, self.plan, partition, **options)
+        plan = self.plan.for_partition(partition)  # first-pass conclusions: its items' only
+        return self.executor.submit(run_partition, plan, partition, **options)
 
     def _collect(self) -> None:
         """Wait for at least one partition; hand over the records of all that finished."""

@@ -11,7 +11,6 @@ public face of this module; the command line is a thin layer over them.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,8 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.config import BackendConfig, ConfigDocument, load_document, validate_job
-from pipeline.config.document import _apply_override, _interpolate
+from pipeline.config import (
+    BackendConfig,
+    ConfigDocument,
+    load_document,
+    mapping_document,
+    validate_job,
+)
 from pipeline.config.model import validate_model
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
 from pipeline.execution.backends import Backend, DistributedBackend, backend_class
@@ -42,7 +46,7 @@ from pipeline.state.results import (
     items_exit_code,
     write_report,
 )
-from pipeline.state.rundir import MANIFEST_FILE, log_file, remove_stale_temp_files, sink_folders
+from pipeline.state.rundir import MANIFEST_FILE, log_file, remove_stale_temp_files
 
 log = logger("run")
 
@@ -50,7 +54,6 @@ OnProgress = Callable[[RunStats], None]
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any]
 
 # A config given as a mapping has no file: its problems name the key, after this label.
-MAPPING_SOURCE = "<dict>"
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 # The backend settings the command line and `pipeline.run` have their own arguments for.
 BACKEND_FLAGS = {"backend": "kind", "workers": "workers", "scheduler": "address"}
@@ -65,16 +68,9 @@ def load_plan(source: ConfigSource, overrides: Iterable[str] = ()) -> Plan:
 def config_document(source: ConfigSource, overrides: Iterable[str] = ()) -> ConfigDocument:
     """`source` parsed, `${VAR}` interpolated, overrides applied. A file's problems say
     `file:line: key`; a mapping has no lines, so its problems say `<dict>: key`."""
-    if not isinstance(source, Mapping):
-        return load_document(Path(source), overrides)
-    data = copy.deepcopy(dict(source))  # interpolation and overrides edit it in place
-    doc = ConfigDocument(path=Path(MAPPING_SOURCE), data=data)
-    problems = _interpolate(doc, doc.data, ())
-    for assignment in overrides:
-        problems += _apply_override(doc, assignment)
-    if problems:
-        raise ConfigError(problems)
-    return doc
+    if isinstance(source, Mapping):
+        return mapping_document(source, overrides)
+    return load_document(Path(source), overrides)
 
 
 def plan_of(doc: ConfigDocument) -> Plan:
@@ -266,7 +262,7 @@ class RunContext:
     def run(self) -> dict[str, Any]:
         """Start, process, finish: the report, also when the run stops half-way."""
         context = self._started()
-        remove_stale_temp_files(sink_folders(self.plan))
+        remove_stale_temp_files(self.plan.sink_folders())
         try:
             reduced = self.process()
         except PipelineError as error:

@@ -48,14 +48,9 @@ def compiled(plan: Plan) -> CompiledPlan:
             steps = {name: stage for name, stage in stages.items() if isinstance(stage, Step)}
             consumers = {node.name: plan.consumers(node.name) for node in plan.nodes}
             order = tuple(node.name for node in plan.nodes if node.name in steps)
-            _compiled[plan.fingerprint] = CompiledPlan(steps, consumers, order, sinks_below(plan))
+            below = {node.name: plan.sinks_below(node.name) for node in plan.nodes}
+            _compiled[plan.fingerprint] = CompiledPlan(steps, consumers, order, below)
         return _compiled[plan.fingerprint]
-
-
-def sinks_below(plan: Plan) -> dict[str, frozenset[str]]:
-    """Every stage's `Plan.sinks_below`, as one mapping. (Kept for `pipeline.cli.inspect`,
-    which still imports it from here.)"""
-    return {node.name: plan.sinks_below(node.name) for node in plan.nodes}
 
 
 def run_partition(plan: Plan, partition: Partition) -> list[Record]:

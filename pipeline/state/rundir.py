@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import logs
-from pipeline.plan import Plan
 from pipeline.storage import TEMP_PREFIX, TEMP_SUFFIX
 
 MANIFEST_FILE = "manifest.sqlite"
@@ -17,12 +16,6 @@ LOCK_FILE = ".lock"
 LOG_FILE = "pipeline.log"
 
 log = logs.logger("state")
-
-
-def sink_folders(plan: Plan) -> list[Path]:
-    """`Plan.sink_folders`. (Kept for the runner, `execution.runner`, which still imports it
-    from here.)"""
-    return plan.sink_folders()
 
 
 def remove_stale_temp_files(folders: list[Path]) -> int:
