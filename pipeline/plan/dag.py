@@ -167,11 +167,13 @@ class Plan:
     def count_items(self) -> int | None:
         """Items in all sources, if every source can count them cheaply; else None."""
         counts = [source.count_items() for source in self.source_stages().values()]
-        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+        known = [count for count in counts if count is not None]
+        return sum(known) if len(known) == len(counts) else None
 
     def source_stages(self) -> dict[str, Source]:
         """Only the sources, for the client to read items from."""
-        return {name: self.instantiate(self.by_name[name]) for name in self.sources}  # type: ignore[misc]
+        stages = {name: self.instantiate(self.by_name[name]) for name in self.sources}
+        return {name: stage for name, stage in stages.items() if isinstance(stage, Source)}
 
 
 def build_plan(job: JobConfig, doc: ConfigDocument) -> Plan:

@@ -276,7 +276,7 @@ class Dedupe(Reducer[DedupeOptions]):
     dropped: dict[str, str] = {}  # main pass with `drop`: a partition's duplicates -> kept
 
     @property
-    def fan_in(self) -> int:  # type: ignore[override]
+    def fan_in(self) -> int:
         return self.options.fan_in
 
     @property

@@ -57,7 +57,10 @@ class Conclusion:
 class Reducer(Step[OptionsT]):
     """A step (items pass through `process`) that also reduces the batch's records."""
 
-    fan_in: int = 8
+    @property
+    def fan_in(self) -> int:
+        """Summaries merged per reduction task."""
+        return 8
 
     @property
     def needs_first_pass(self) -> bool:
