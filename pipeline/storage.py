@@ -28,11 +28,12 @@ import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import IO, Any
+from typing import IO, Annotated, Any
 from urllib.parse import unquote, urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import AfterValidator
 
 from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.records import OUTCOME_KEYS, Record
@@ -85,6 +86,10 @@ def checked_location(path: str) -> str:
     """A pydantic validator for sink paths: the URL's filesystem must be available."""
     filesystem(path)
     return path
+
+
+# A sink's `path` option: a folder or fsspec URL whose filesystem is available.
+OutputPath = Annotated[str, AfterValidator(checked_location)]
 
 
 def output_folder(run_dir: str, path: str) -> str:

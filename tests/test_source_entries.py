@@ -30,6 +30,17 @@ def list_job(tmp_path: Path, list_path: Path, **settings) -> dict:
     )
 
 
+def list_config(tmp_path: Path, list_path: Path) -> Path:
+    """A config file for the CLI: url_list (line 4 of the file) -> download."""
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"name: t\noutput: {tmp_path / 'out'}\nstages:\n"
+        f"  urls: {{kind: url_list, path: '{list_path}'}}\n"
+        "  get: {kind: download, input: urls}\n"
+    )
+    return config
+
+
 def by_index(run_dir: Path) -> dict[int, dict]:
     return {record["index"]: record for record in records(run_dir)}
 
@@ -150,13 +161,7 @@ def test_a_list_that_cannot_be_read_stops_the_run_and_leaves_no_empty_files(tmp_
 
 def test_the_cli_reports_an_unreadable_list_with_exit_4(tmp_path):
     (tmp_path / "list.txt.gz").write_bytes(b"not gzip at all")
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"name: t\noutput: {tmp_path / 'out'}\nstages:\n"
-        f"  urls: {{kind: url_list, path: '{tmp_path / 'list.txt.gz'}'}}\n"
-        "  get: {kind: download, input: urls}\n"
-    )
-    result = cli("run", str(config))
+    result = cli("run", str(list_config(tmp_path, tmp_path / "list.txt.gz")))
     assert result.returncode == 4 and "Traceback" not in result.stderr
     assert "error: urls: cannot read" in result.stderr
     assert json.loads((tmp_path / "out" / "report.json").read_text())["exit_code"] == 4
@@ -164,13 +169,7 @@ def test_the_cli_reports_an_unreadable_list_with_exit_4(tmp_path):
 
 def test_a_header_without_the_column_is_a_config_error_naming_file_line_and_key(tmp_path):
     (tmp_path / "list.csv").write_text("link,caption\nhttp://h/a.jpg,x\n")
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"name: t\noutput: {tmp_path / 'out'}\nstages:\n"
-        f"  urls: {{kind: url_list, path: '{tmp_path / 'list.csv'}'}}\n"
-        "  get: {kind: download, input: urls}\n"
-    )
-    result = cli("validate", str(config))
+    result = cli("validate", str(list_config(tmp_path, tmp_path / "list.csv")))
     assert result.returncode == 2
     assert "job.yaml:4: stages.urls" in result.stderr
     assert "no column 'url' (columns: link, caption); set the stage's 'column'" in result.stderr

@@ -37,10 +37,10 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, RunIncompleteError
-from pipeline.records import SourceItem, clean_text, jsonable
+from pipeline.records import SourceItem, jsonable
 from pipeline.stages.base import Source
 from pipeline.stages.registry import register
-from pipeline.stages.shared.urls import url_scheme
+from pipeline.stages.shared.urls import url_scheme, url_text
 
 CHUNK = 64 * 1024
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
@@ -127,14 +127,9 @@ def compact(element: Any) -> str:
 
 def checked_link(link: Any, path: str) -> str:
     """`link` if it is a usable URL, else ItemError: empty, not text, or no URL."""
-    if link is None or (isinstance(link, str) and not link.strip()):
-        raise ItemError("empty", f"the element has no link at '{path}'")
-    if not isinstance(link, str):
-        raise ItemError("invalid_input", f"the link at '{path}' is a {json_type(link)}")
-    if clean_text(link) != link:
-        raise ItemError("invalid_input", f"the link at '{path}' is not valid Unicode text")
-    url_scheme(link)  # raises invalid_url for what cannot be parsed as a URL
-    return link
+    text = url_text(link, f"the link at '{path}'")
+    url_scheme(text)  # raises invalid_url for what cannot be parsed as a URL
+    return text
 
 
 def _where(url: str) -> str:

@@ -35,9 +35,10 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ConfigError, ItemError, PipelineError, RunIncompleteError
-from pipeline.records import SourceItem, clean_text, jsonable
+from pipeline.records import SourceItem, jsonable
 from pipeline.stages.base import Source
 from pipeline.stages.registry import register
+from pipeline.stages.shared.urls import url_text
 from pipeline.storage import filesystem
 
 Format = Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"]
@@ -285,19 +286,6 @@ def list_columns(path: str, kind: str) -> list[str] | None:
         return None
 
 
-def url_text(value: Any, column: str) -> str:
-    """The URL cell as text; ItemError if it is empty, null or not text."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "surrogateescape")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ItemError("empty", f"the '{column}' cell is {'null' if value is None else 'empty'}")
-    if not isinstance(value, str):
-        raise ItemError("invalid_input", f"the '{column}' cell holds {type(value).__name__}")
-    if clean_text(value) != value:
-        raise ItemError("invalid_input", f"the '{column}' cell is not valid UTF-8 text")
-    return value
-
-
 @register("url_list")
 class UrlList(Source[UrlListOptions]):
     """One item per entry of a list file (txt, csv, tsv, jsonl, parquet; maybe compressed)."""
@@ -333,7 +321,7 @@ class UrlList(Source[UrlListOptions]):
             if column not in row:
                 keys = ", ".join(map(str, row))[:200]
                 raise ItemError("invalid_input", f"no '{column}' key (keys: {keys})")
-            cell = url_text(row[column], column)
+            cell = url_text(row[column], f"the '{column}' cell")
         except ItemError as error:  # no URL text: the row shows what the entry was
             return SourceItem.invalid(number, text, error.reason, error.message, fields)
         try:

@@ -6,16 +6,14 @@ its key, URL, source fields (e.g. id, caption) and what stages added (size, stat
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from pipeline.records import Item
 from pipeline.stages.base import Sink, Stage
 from pipeline.stages.registry import register
 from pipeline.stages.shared.encoding import EXTENSIONS, EncodeOptions, encode, require_image
 from pipeline.storage import (
-    checked_location,
+    OutputPath,
     join,
     metadata_json,
     output_folder,
@@ -25,7 +23,7 @@ from pipeline.storage import (
 
 
 class WriteImagesOptions(EncodeOptions):
-    path: Annotated[str, AfterValidator(checked_location)] = Field(
+    path: OutputPath = Field(
         description="Folder or fsspec URL to write into; relative paths are inside the run dir"
     )
     sidecar: bool = Field(False, description="Also write <name>.json with the item's metadata")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, PipelineError
@@ -27,7 +27,7 @@ from pipeline.records import Item, Partition
 from pipeline.stages.base import Sink
 from pipeline.storage import (
     AtomicFile,
-    checked_location,
+    OutputPath,
     ensure_parent,
     join,
     output_error,
@@ -36,7 +36,7 @@ from pipeline.storage import (
 
 
 class ShardOptions(Options):
-    path: Annotated[str, AfterValidator(checked_location)] = Field(
+    path: OutputPath = Field(
         description="Folder or fsspec URL; relative paths are inside the run dir"
     )
     shard_size: PositiveInt = Field(1000, description="Items per shard (per partition)")

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ItemError
+from pipeline.records import clean_text
+
+
+def url_text(value: Any, where: str) -> str:
+    """A URL as a list or an API gave it (`where` names the place: "the 'url' cell"), as
+    text; ItemError if it is empty, null, not text, or not valid Unicode."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ItemError("empty", f"{where} is {'null' if value is None else 'empty'}")
+    if not isinstance(value, str):
+        raise ItemError("invalid_input", f"{where} holds a {type(value).__name__}, not text")
+    if clean_text(value) != value:
+        raise ItemError("invalid_input", f"{where} is not valid Unicode text")
+    return value
 
 
 def url_scheme(url: str) -> str:
