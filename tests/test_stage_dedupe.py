@@ -235,6 +235,14 @@ def test_drop_drops_when_every_stage_is_upstream_of_dedupe(tmp_path, crafted, ba
     assert first_pass.config == plan.config and first_pass.fingerprint != plan.fingerprint
 
 
+# hash -> near (drops) -> write: the stages of the two tests of the first pass below
+DROPPING = """
+    hash: {kind: phash, input: decode}
+    near: {kind: dedupe, input: hash, threshold: 12, drop: true}
+    write: {kind: write_images, input: near, path: unique}
+    """
+
+
 def test_drop_main_pass_gets_the_duplicates_in_its_tasks_plan(tmp_path, crafted, monkeypatch):
     """The first pass's conclusion reaches the main pass as data: every main-pass task's
     plan carries it (cut to the task's partition), while the groups file, written only at
@@ -256,11 +264,7 @@ def test_drop_main_pass_gets_the_duplicates_in_its_tasks_plan(tmp_path, crafted,
     report = run_job(
         tmp_path,
         decoded_files(folder),
-        """
-        hash: {kind: phash, input: decode}
-        near: {kind: dedupe, input: hash, threshold: 12, drop: true}
-        write: {kind: write_images, input: near, path: unique}
-        """,
+        DROPPING,
         backend="threads",
         partition_size=5,
     )
@@ -301,10 +305,8 @@ def test_only_the_reducer_that_needs_a_first_pass_runs_in_it(tmp_path, crafted, 
     report = run_job(
         tmp_path,
         decoded_files(folder),
+        DROPPING,
         """
-        hash: {kind: phash, input: decode}
-        near: {kind: dedupe, input: hash, threshold: 12, drop: true}
-        write: {kind: write_images, input: near, path: unique}
         other: {kind: dedupe, input: hash, threshold: 12}
         """,
         backend="threads",
