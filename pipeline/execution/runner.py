@@ -53,7 +53,6 @@ log = logger("run")
 OnProgress = Callable[[RunStats], None]
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any]
 
-# A config given as a mapping has no file: its problems name the key, after this label.
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 # The backend settings the command line and `pipeline.run` have their own arguments for.
 BACKEND_FLAGS = {"backend": "kind", "workers": "workers", "scheduler": "address"}
@@ -74,10 +73,8 @@ def config_document(source: ConfigSource, overrides: Iterable[str] = ()) -> Conf
 
 
 def plan_of(doc: ConfigDocument) -> Plan:
-    """Validate the job, its backend's kind and its stages; plan it."""
+    """Validate the job (its backend's kind among it) and its stages; plan it."""
     job, problems = validate_job(doc)
-    if job is not None:
-        problems += _backend_kind_problems(doc, job.backend.kind)
     if job is None or problems:
         raise ConfigError(problems + stage_problems(doc))
     return build_plan(job, doc)
@@ -116,19 +113,9 @@ def with_backend(
         settings[BACKEND_FLAGS[name]] = value
         doc.overrides[("backend", BACKEND_FLAGS[name])] = f"run({name}={value!r})"
     config, problems = validate_model(doc, BackendConfig, settings, ("backend",))
-    if config is not None:
-        problems += _backend_kind_problems(doc, config.kind)
     if config is None or problems:
         raise ConfigError(problems)
     return replace(plan, config=plan.config.model_copy(update={"backend": config}))
-
-
-def _backend_kind_problems(doc: ConfigDocument, kind: str) -> list[str]:
-    try:
-        backend_class(kind)
-    except ConfigError as exc:
-        return [doc.problem(("backend", "kind"), str(exc))]
-    return []
 
 
 def backend_for(plan: Plan) -> Backend:
