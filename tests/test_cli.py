@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,32 @@ def test_items_failed_exit_1_with_reasons(served_job):
     assert result.stderr.strip().splitlines() == [
         f"error: 3 items failed; see {served_job.parent / 'out'}/results.jsonl"
     ]
+
+
+def test_status_prints_the_latest_runs_summary_from_its_report(served_job):
+    assert cli("run", served_job, "--quiet").returncode == 1  # 3 of 16 fail
+    out = served_job.parent / "out"
+    result = cli("status", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{out}: 16 items"
+    head = next(i for i, line in enumerate(lines) if line.startswith("latest run "))
+    assert re.fullmatch(
+        r"latest run \d{8}T\d{6}-\w{6} \(exit 1, ended [-\d:T+]+\): ok 13, failed 3, skipped 0",
+        lines[head],
+    ), lines[head]
+    # 12 JPEGs of 320x240 to 760x570 in steps of 40x30, and a 200x150 PNG
+    assert lines[head + 1 : head + 4] == [
+        "  formats     JPEG 12, PNG 1",
+        "  width       128-256: 1, 256-512: 5, 512-1024: 7",
+        "  height      128-256: 2, 256-512: 9, 512-1024: 2",
+    ]
+    assert lines[head + 4].startswith("  bytes       ")
+    assert "brightness" not in result.stdout  # no stats stage
+
+    (out / "report.json").unlink()  # the history's end line says the same
+    again = cli("status", str(out))
+    assert again.stdout.splitlines()[head:] == lines[head:]
 
 
 def test_bad_config_reports_every_problem_with_file_line_and_no_traceback(write_config):
