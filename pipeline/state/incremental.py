@@ -5,7 +5,10 @@ fingerprint and its outputs still exist. A re-run skips items done for every
 sink their source feeds (one `skipped` record each, reason `unchanged`), runs
 only the missing sinks of the others, retries failures whose reason is
 retryable (or all, with `retry_failed`), and retries any failure whose config
-changed. `full` ignores the manifest. A key met twice in one run is skipped
+changed. An item a filter stage skipped (reason `filtered`) stays skipped while the
+attempt is the same: the filter is upstream of the sinks, so a changed rule changes
+their fingerprints and the item is evaluated again (`retry_failed` does not: it is not
+a failure). `full` ignores the manifest. A key met twice in one run is skipped
 the second time (reason `duplicate`).
 
 Items are looked up one source partition at a time and the pending ones are
@@ -57,6 +60,12 @@ def plan_item(entry: Entry | None, fingerprints: dict[str, str], policy: Policy)
         outputs = [path for sink in fingerprints for path in entry.sinks[sink][1]]
         return Skip("unchanged", f"done in run {entry.run_id}", outputs)
     attempt = _attempt(missing)
+    if (
+        entry.status == "skipped"
+        and entry.reason == "filtered"
+        and entry.attempt == attempt.fingerprint
+    ):
+        return Skip("filtered", f"filtered in run {entry.run_id}; the rules are unchanged", [])
     if (
         entry.status == "failed"
         and entry.reason not in RETRYABLE_REASONS
