@@ -56,3 +56,25 @@ def test_draft_keeps_both_sides_for_a_consumer_that_fills_the_box(write_config, 
     stages = build_plan(*load_config(config)).compile()
     decoded = stages["decode"].process(Item({}, jpeg_bytes(photo(1600, 400, seed=4))))
     assert decoded.data.size == (1600, 400)  # 1/2 scale would leave the short side at 200
+
+
+def test_a_filter_between_decode_and_thumbnail_keeps_the_draft(write_config, tmp_path):
+    """A filter passes images on unchanged: the decoder still drafts to what follows it,
+    and the record keeps the full size the filter's rules read."""
+    (tmp_path / "urls.txt").write_text("x.jpg\n")
+    config = write_config(f"""
+        name: t
+        output: {tmp_path / "out"}
+        stages:
+          urls: {{kind: url_list, path: {tmp_path / "urls.txt"}}}
+          download: {{kind: download, input: urls, allow_schemes: [file]}}
+          decode: {{kind: decode, input: download}}
+          keep: {{kind: filter, input: decode, min_width: 1000}}
+          thumb: {{kind: thumbnail, input: keep, size: [256, 256]}}
+    """)
+    stages = build_plan(*load_config(config)).compile()
+    record = {"status": "ok", "timings": {}}
+    decoded = stages["decode"].process(Item(record, jpeg_bytes(photo(1600, 1200, seed=3))))
+    assert decoded.data.size == (400, 300)
+    assert (decoded.record["width"], decoded.record["height"]) == (1600, 1200)
+    assert stages["keep"].run_one(decoded) is decoded

@@ -156,9 +156,11 @@ class Plan:
         return stage_kinds()[node.kind](node.name, node.options, self.job)
 
     def compile(self) -> dict[str, Stage]:
-        """Instantiate every stage and tell each about its neighbours."""
+        """Instantiate every stage and tell each about its neighbours, consumers first: a
+        stage may ask its consumers what they need (a decoder their sizes), and a consumer
+        that passes items on (a filter) knows its own by then."""
         stages = {node.name: self.instantiate(node) for node in self.nodes}
-        for node in self.nodes:
+        for node in reversed(self.nodes):
             stage = stages[node.name]
             stage.connect([stages[name] for name in self.consumers(node.name)])
             stage.connect_inputs([stages[name] for name in node.inputs])

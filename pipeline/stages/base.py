@@ -138,6 +138,19 @@ class Step(Stage[OptionsT]):
         """Called once at the end of the partition (flush a shard, ...)."""
 
 
+def consumers_box(consumers: list[Stage]) -> tuple[tuple[int, int] | None, bool]:
+    """The square box big enough for every step among `consumers` (their largest
+    `preferred_input_size`), and whether each only fits its output inside its own; (None,
+    False) if any needs full resolution. What a decoder may draft to, and what a step that
+    passes images on unchanged (a filter) prefers in turn."""
+    steps = [consumer for consumer in consumers if isinstance(consumer, Step)]
+    sizes = [step.preferred_input_size() for step in steps]
+    if not sizes or not all(sizes):
+        return None, False
+    side = max(max(size) for size in sizes if size)
+    return (side, side), all(step.fits_inside_preferred_size() for step in steps)
+
+
 class Sink(Step[OptionsT]):
     """A step that writes items; it returns nothing for further stages."""
 

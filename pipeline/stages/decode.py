@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
 from pipeline.records import Item
-from pipeline.stages.base import Stage, Step
+from pipeline.stages.base import Stage, Step, consumers_box
 from pipeline.stages.registry import register
 from pipeline.stages.shared.imaging import fit_inside
 
@@ -79,12 +79,9 @@ class Decode(Step[DecodeOptions]):
     draft_fitted = False  # every consumer fits inside the box: its longer side may reach it
 
     def connect(self, consumers: list[Stage]) -> None:
-        steps = [c for c in consumers if isinstance(c, Step)]
-        sizes = [step.preferred_input_size() for step in steps]
-        if self.options.draft and sizes and all(sizes):
-            side = max(max(size) for size in sizes if size)
-            self.draft_size = (side, side)  # square: still big enough after an EXIF rotation
-            self.draft_fitted = all(step.fits_inside_preferred_size() for step in steps)
+        box, fitted = consumers_box(consumers)  # square: still big enough after EXIF rotation
+        if self.options.draft and box:
+            self.draft_size, self.draft_fitted = box, fitted
 
     def fingerprint_data(self) -> dict[str, Any]:
         """The draft scale comes from the consumers and changes the pixels: it counts."""

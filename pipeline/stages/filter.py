@@ -48,7 +48,7 @@ from pydantic import (
 from pipeline.config.model import Options
 from pipeline.errors import ItemError, PipelineError
 from pipeline.records import Item, Record
-from pipeline.stages.base import Step
+from pipeline.stages.base import Stage, Step, consumers_box
 from pipeline.stages.registry import register
 
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # what `decode` may put in `format`
@@ -326,6 +326,20 @@ class Filter(Step[FilterOptions]):
 
     Options = FilterOptions
     description = "Keep items by size, aspect, pixels, bytes, format or an expression"
+
+    box: tuple[int, int] | None = None
+    fitted = False
+
+    def connect(self, consumers: list[Stage]) -> None:
+        self.box, self.fitted = consumers_box(consumers)
+
+    def preferred_input_size(self) -> tuple[int, int] | None:
+        """What its consumers prefer: a filter passes images on unchanged, so a decoder
+        before it may still draft them (sizes in the record are the full ones)."""
+        return self.box
+
+    def fits_inside_preferred_size(self) -> bool:
+        return self.fitted
 
     @cached_property
     def where(self) -> ast.Expression | None:
