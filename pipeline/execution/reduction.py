@@ -1,34 +1,45 @@
 """Run the plan's reducing stages: collect per-partition summaries, tree-reduce them on the
 backend, and conclude on the client (the protocol: `pipeline.stages.shared.reducing`).
 
-    Reductions(plan)        the plan's reducers, each instantiated on the client
+    Reductions(plan, manifest)
+                            the plan's reducers, each instantiated on the client; the
+                            manifest keeps the values of those that `keeps_index`
     .first_pass(backend)    only if a reducer `needs_first_pass`: run `first_pass_plan`
                             (the stages those reducers read from, them in first-pass
-                            mode, no sinks), summarize and tree-reduce only them, and
-                            put each one's `first_pass_conclusion` into the main plan
-                            (`Plan.with_conclusions`): the main pass's tasks receive it there
+                            mode, no sinks) on the items none of them kept a value of,
+                            summarize and tree-reduce only them (with the values kept
+                            before the run), and put each one's `first_pass_conclusion`
+                            into the main plan (`Plan.with_conclusions`): the main
+                            pass's tasks receive it there
     .add(records)           main pass, per partition: summarize, for every reducer
-                            without a first pass
-    .run(executor)          after the main pass: tree-reduce those, then `conclude`
-                            every reducer (a first-pass one on its first-pass summary)
+                            without a first pass or an index
+    .run(executor)          after the main pass: tree-reduce those (an indexed one: the
+                            values the manifest keeps, this run's committed ones
+                            included), then `conclude` every reducer (a first-pass one
+                            on its first-pass summary)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import replace
+from itertools import chain
 from typing import Any
 
 from pipeline.execution.backends import Backend
 from pipeline.execution.engine import execute, plan_partitions
 from pipeline.execution.worker import compiled
 from pipeline.plan import Plan
-from pipeline.records import Record
+from pipeline.records import Partition, Record, SourceItem
 from pipeline.stages.registry import stage_kinds
-from pipeline.stages.shared.reducing import Reducer
+from pipeline.stages.shared.reducing import Index, Reducer
+from pipeline.state.lineage import sink_fingerprints
+from pipeline.state.manifest import Manifest
 
 After = Callable[[Executor | None], None]
+INDEX_CHUNK = 20_000  # kept values read from the manifest per summary
 
 
 def combine_task(plan: Plan, name: str, summaries: list[Any]) -> Any:
@@ -55,8 +66,9 @@ def first_pass_plan(plan: Plan, names: list[str]) -> Plan:
 class Reductions:
     """The reducers of a plan and the summaries of the partitions seen so far."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, manifest: Manifest | None = None):
         self.plan = plan
+        self.manifest = manifest
         # what combine tasks receive: the same stages (so the same compiled copy on each
         # worker), without the first pass's conclusions, which combining does not need
         self.combine_plan = Plan(plan.job, plan.config, plan.nodes)
@@ -65,6 +77,17 @@ class Reductions:
             reducer = plan.instantiate(plan.by_name[name])
             assert isinstance(reducer, Reducer)
             self.reducers[name] = reducer
+        # reducer -> its lineage fingerprint, for those whose values the manifest keeps
+        self.indexed: dict[str, str] = {}
+        if manifest is not None and any(r.keeps_index for r in self.reducers.values()):
+            fingerprints = sink_fingerprints(plan)
+            for name, reducer in self.reducers.items():
+                if reducer.keeps_index:
+                    self.indexed[name] = fingerprints[name]
+                    manifest.keep_values(name, fingerprints[name], reducer.index_value)
+                    self.reducers[name] = reducer.with_index(
+                        Index(manifest.first_new, manifest.urls)
+                    )
         self.summaries: dict[str, list[Any]] = {name: [] for name in self.reducers}
         self.first_pass_summaries: dict[str, Any] = {}  # whole-batch, of the first pass
         self.results: dict[str, dict[str, Any]] = {}
@@ -77,6 +100,8 @@ class Reductions:
         if not early:
             return self.plan
         plan = first_pass_plan(self.plan, early)
+        for name in early:
+            self.summaries[name] += self.index_summaries(name)  # what earlier runs kept
 
         def summarize(records: list[Record]) -> None:
             for name in early:
@@ -86,7 +111,12 @@ class Reductions:
             for name in early:
                 self.first_pass_summaries[name] = self.tree_reduce(_executor(executor), plan, name)
 
-        execute(plan, backend, plan_partitions(plan), summarize, after=reduce)
+        parts = self.unindexed(plan_partitions(plan), early, plan.config.partition_size)
+        first = next(parts, None)
+        if first is None:
+            reduce(None)  # every item's value is kept: no backend, no download
+        else:
+            execute(plan, backend, chain([first], parts), summarize, after=reduce)
         return self.plan.with_conclusions(
             {
                 name: self.reducers[name].first_pass_conclusion(summary)
@@ -95,9 +125,10 @@ class Reductions:
         )
 
     def add(self, records: list[Record]) -> None:
-        """A main-pass partition's records (run or skipped as done)."""
+        """A main-pass partition's records (run or skipped as done). An indexed reducer
+        reads them from the manifest at the end instead, once they are committed."""
         for name, reducer in self.reducers.items():
-            if name not in self.first_pass_summaries:
+            if name not in self.first_pass_summaries and name not in self.indexed:
                 self.summaries[name].append(reducer.summarize(records))
 
     def run(self, executor: Executor | None) -> None:
@@ -106,8 +137,46 @@ class Reductions:
             if name in self.first_pass_summaries:
                 summary = self.first_pass_summaries[name]
             else:
+                if name in self.indexed:
+                    self.summaries[name] = self.index_summaries(name)
                 summary = self.tree_reduce(_executor(executor), self.combine_plan, name)
             self.results[name] = reducer.conclude(summary)
+
+    def index_summaries(self, name: str) -> list[Any]:
+        """Summaries of every value the manifest keeps for reducer `name` (none if it keeps
+        none), `INDEX_CHUNK` rows each."""
+        if self.manifest is None or name not in self.indexed:
+            return []
+        reducer = self.reducers[name]
+        chunks = self.manifest.kept_values(name, self.indexed[name], INDEX_CHUNK)
+        return [reducer.summarize_index(rows) for rows in chunks]
+
+    def unindexed(
+        self, parts: Iterable[Partition], names: list[str], size: int
+    ) -> Iterator[Partition]:
+        """`parts` without the items every one of the reducers `names` already kept a value
+        of (one manifest query per partition and reducer), packed into full partitions."""
+        indexed = [name for name in names if name in self.indexed]
+        if self.manifest is None or not indexed:
+            yield from parts
+            return
+        waiting: dict[str, list[SourceItem]] = defaultdict(list)
+        index = 0
+        for part in parts:
+            keys = [item.key for item in part.items]
+            known = set.intersection(
+                *(self.manifest.indexed_keys(name, self.indexed[name], keys) for name in indexed)
+            )
+            queue = waiting[part.source]
+            queue += [item for item in part.items if item.key not in known]
+            while len(queue) >= size:
+                yield Partition(index, part.source, tuple(queue[:size]))
+                del queue[:size]
+                index += 1
+        for source, queue in waiting.items():
+            if queue:
+                yield Partition(index, source, tuple(queue))
+                index += 1
 
     def tree_reduce(self, executor: Executor, plan: Plan, name: str) -> Any:
         """Combine groups of `fan_in` summaries as tasks in `plan` (the one whose partitions

@@ -283,7 +283,7 @@ class RunContext:
     def process(self) -> dict[str, Any]:
         """Skip what is done, run the rest; record every item, commit finished partitions.
         Returns the results of the plan's reducing stages (see `execution.reduction`)."""
-        reductions = Reductions(self.plan)
+        reductions = Reductions(self.plan, self.manifest)  # indexed reducers keep values there
         plan = reductions.first_pass(self.backend)  # when a reducer acts before any write
         with ResultsWriter(plan.config.output) as results:
 

@@ -10,7 +10,8 @@ report. In each group the item earliest in the input is kept, the others are
 listed as its duplicates. With `drop: true` the duplicates are also skipped
 (status `skipped`, reason `duplicate`) before any later stage, so they are
 never written: that needs the groups before the main pass, so the stages up to
-`dedupe` run once first (a second download and decode, no writes). The first pass
+`dedupe` run once first (a second download and decode, no writes) on the items the
+index does not hold yet; earlier runs' items come from the index. The first pass
 concludes into `Duplicates` (each duplicate's key -> the key kept in its group), which
 reaches the main pass's tasks in their plan, not through a file; the groups file is
 written at the end of the run, as without `drop`.
@@ -28,6 +29,19 @@ are cut into bands so that, by the pigeonhole principle, two hashes within
 `threshold` bits share a band key (see `band_keys`); only items that share a key
 are compared, and identical hashes are joined first. A
 union-find over the merged arrays keeps the groups, so a merge only adds links.
+
+An index that grows across runs (see "keeps_index" in `pipeline.stages.shared.reducing`):
+the manifest keeps every committed item's hash, so a run groups its new items with
+every earlier run's items, whether or not they are in this run's input, without
+downloading or hashing them again; items done before are skipped as `unchanged` (the
+stage's fingerprint is only `by`: `threshold` and `drop` change the groups, which are
+found again every run from the index, not an item's result). An item's input index
+becomes its order (`first_new + index` for this run's, lower for every earlier run's),
+so a group keeps its earliest run's earliest item, and with `drop` a new item that
+duplicates an earlier one is dropped, never the earlier one. `by: sha256` groups
+exact duplicates (the same bytes under other URLs) by the download's `sha256`, with
+the same machinery: the summary holds the 64 hex digits instead of a 64-bit hash and
+`threshold` is ignored (0).
 """
 
 from __future__ import annotations
@@ -35,10 +49,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, PositiveInt
@@ -48,14 +61,21 @@ from pipeline.errors import ItemError
 from pipeline.records import Item, Partition, Record
 from pipeline.stages.base import AnyOptions
 from pipeline.stages.registry import register
-from pipeline.stages.shared.reducing import Conclusion, Reducer
+from pipeline.stages.shared.reducing import Conclusion, IndexRow, Reducer
 from pipeline.storage import join, write_output
 
 PAIR_CHUNK = 4_000_000  # hash comparisons per array operation (~32 MB of uint64)
 
 
 class DedupeOptions(Options):
-    threshold: int = Field(8, ge=0, le=31, description="Max Hamming distance (bits of 64)")
+    by: Literal["phash", "sha256"] = Field(
+        "phash",
+        description="phash: near-duplicates by the nearest phash upstream; sha256: exact "
+        "duplicates (same bytes) by the download's sha256",
+    )
+    threshold: int = Field(
+        8, ge=0, le=31, description="Max Hamming distance (bits of 64); ignored with sha256"
+    )
     fan_in: PositiveInt = Field(8, ge=2, description="Summaries merged per reduction task")
     drop: bool = Field(
         False, description="Skip duplicates before later stages (runs the stages up to here twice)"
@@ -72,18 +92,40 @@ class HashSummary:
     labels: np.ndarray
 
     @classmethod
-    def of(cls, records: list[Record], name: str) -> HashSummary:
-        """The ok records' hashes, as the `dedupe` stage `name` kept them in `results`."""
+    def of(
+        cls, records: list[Record], name: str, by: str = "phash", first_new: int = 0
+    ) -> HashSummary:
+        """The ok records' hashes, as the `dedupe` stage `name` kept them in `results`,
+        each in order `first_new + index` (this run's items after every earlier one)."""
         hashed = [(r, r.get("results", {}).get(name)) for r in records if r["status"] == "ok"]
-        hashed = [(r, value) for r, value in hashed if value]
+        return cls.of_rows([(r["key"], v, first_new + r["index"]) for r, v in hashed if v], by)
+
+    @classmethod
+    def of_rows(cls, rows: list[IndexRow], by: str = "phash") -> HashSummary:
+        """(key, hash as hex, order) rows, as the manifest keeps them."""
         return one_per_key(
             cls(
-                np.array([r["key"] for r, _ in hashed], dtype="S20"),
-                np.array([r["index"] for r, _ in hashed], dtype=np.int64),
-                np.array([int(value, 16) for _, value in hashed], dtype=np.uint64),
-                np.arange(len(hashed), dtype=np.int64),
+                np.array([key for key, _, _ in rows], dtype="S20"),
+                np.array([order for _, _, order in rows], dtype=np.int64),
+                hash_array([value for _, value, _ in rows], by),
+                np.arange(len(rows), dtype=np.int64),
             )
         )
+
+
+def hash_array(values: list[str], by: str) -> np.ndarray:
+    """phash: 64-bit hashes (16 hex digits) as uint64; sha256: the 64 hex digits as bytes
+    (compared for equality only)."""
+    if by == "sha256":
+        return np.array([value.encode() for value in values], dtype="S64")
+    return np.array([int(value, 16) for value in values], dtype=np.uint64)
+
+
+def distances(hashes: np.ndarray, value: Any) -> np.ndarray:
+    """Bits that differ between each of `hashes` and `value` (sha256: 0 or 64)."""
+    if hashes.dtype.kind == "u":
+        return np.bitwise_count(hashes ^ value).astype(np.int64)
+    return (hashes != value).astype(np.int64) * 64
 
 
 class UnionFind:
@@ -197,6 +239,7 @@ def one_per_key(summary: HashSummary) -> HashSummary:
 
 def concatenate(summaries: list[HashSummary]) -> HashSummary:
     """All items of `summaries` in one, labels shifted to the new positions."""
+    summaries = [summary for summary in summaries if len(summary.keys)] or summaries[:1]
     if not summaries:
         return HashSummary.of([], "")
     offsets = np.cumsum([0] + [len(summary.keys) for summary in summaries[:-1]])
@@ -222,16 +265,40 @@ def merge(summaries: list[HashSummary], threshold: int) -> HashSummary:
     return HashSummary(joined.keys, joined.indices, joined.hashes, groups.labels())
 
 
-def groups_of(summary: HashSummary) -> list[dict[str, Any]]:
-    """Groups of two or more, each as the kept key (earliest input) and its duplicates."""
+def groups_of(summary: HashSummary, first_new: int | None = None) -> list[dict[str, Any]]:
+    """Groups of two or more, each as the kept key (earliest in order) and its duplicates.
+
+    Given `first_new` (the order of this run's first item), each group also lists its
+    members `new` in this run, each with the earlier member it `matches`: the nearest
+    one (fewest differing bits, then earliest), with its `distance`; None if the group
+    has no earlier member.
+    """
+    by_group = np.lexsort((summary.indices, summary.labels))  # by group, then order
+    labels = summary.labels[by_group]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else []
     found = []
-    for label in np.unique(summary.labels):
-        members = np.flatnonzero(summary.labels == label)
-        if len(members) > 1:
-            members = members[np.argsort(summary.indices[members], kind="stable")]
-            keys = [key.decode() for key in summary.keys[members]]
-            found.append({"keep": keys[0], "duplicates": keys[1:]})
+    for members in np.split(by_group, starts[1:]) if len(labels) else []:
+        if len(members) < 2:
+            continue
+        keys = [key.decode() for key in summary.keys[members]]
+        group: dict[str, Any] = {"keep": keys[0], "duplicates": keys[1:]}
+        if first_new is not None:
+            is_new = summary.indices[members] >= first_new
+            earlier = members[~is_new]
+            group["new"] = [
+                {"key": keys[position], "matches": _match(summary, earlier, members[position])}
+                for position in np.flatnonzero(is_new)
+            ]
+        found.append(group)
     return sorted(found, key=lambda group: group["keep"])
+
+
+def _match(summary: HashSummary, earlier: np.ndarray, member: int) -> dict[str, Any] | None:
+    if not len(earlier):
+        return None
+    gaps = distances(summary.hashes[earlier], summary.hashes[member])
+    nearest = int(np.argmin(gaps))  # the first of the nearest: `earlier` is in order
+    return {"key": summary.keys[earlier[nearest]].decode(), "distance": int(gaps[nearest])}
 
 
 @dataclass(frozen=True)
@@ -287,11 +354,26 @@ class Dedupe(Reducer[DedupeOptions]):
     def first_pass_options(cls, options: AnyOptions) -> AnyOptions:
         return options.model_copy(update={"drop": False})
 
+    @property
+    def threshold(self) -> int:
+        """The Hamming distance used: sha256 finds exact duplicates only."""
+        return 0 if self.options.by == "sha256" else self.options.threshold
+
+    @property
+    def keeps_index(self) -> bool:
+        return True
+
     def fingerprint_data(self) -> dict[str, Any]:
-        """Groups span the whole batch, so an incremental run must hash every item again
-        (a new fingerprint each run); with `drop`, the first pass already does."""
-        data = super().fingerprint_data()
-        return data if self.options.drop else {**data, "run": uuid.uuid4().hex}
+        """An item's result here is the hash it kept, which depends on `by` (and on the
+        stages upstream) only: `threshold` and `drop` change the groups, which every run
+        finds again from the manifest's index, so items done stay done."""
+        return {"by": self.options.by}
+
+    def index_value(self, record: Record) -> str | None:
+        """The hash an ok record kept under this stage's name: the manifest's index."""
+        if record["status"] != "ok":
+            return None
+        return record.get("results", {}).get(self.name) or None
 
     @property
     def groups_path(self) -> str:
@@ -315,32 +397,58 @@ class Dedupe(Reducer[DedupeOptions]):
             status="skipped",
             stage=self.name,
             reason="duplicate",
-            message=f"near-duplicate of {kept}",
+            message=f"{'exact' if self.options.by == 'sha256' else 'near'}-duplicate of {kept}",
         )
         return None
 
     def process(self, item: Item) -> Item:
-        """Keep the hash of the nearest `phash` upstream on this branch under this stage's
-        name: what `summarize` (on the client, records only) reads."""
-        value = item.meta.get("phash")
-        if not value:
-            raise ItemError("transform_error", f"{self.name} needs a phash stage before it")
+        """Keep the hash of the nearest `phash` upstream on this branch (or the download's
+        `sha256`) under this stage's name: what `summarize` (on the client, records only)
+        reads, and what the manifest keeps."""
+        if self.options.by == "sha256":
+            value = item.record.get("sha256")
+            if not value:
+                raise ItemError("transform_error", f"{self.name} needs a download before it")
+        else:
+            value = item.meta.get("phash")
+            if not value:
+                raise ItemError("transform_error", f"{self.name} needs a phash stage before it")
         item.record.setdefault("results", {})[self.name] = value
         return item
 
     def summarize(self, records: list[Record]) -> HashSummary:
-        return HashSummary.of(records, self.name)
+        return HashSummary.of(records, self.name, self.options.by, self.index.first_new)
+
+    def summarize_index(self, rows: list[IndexRow]) -> HashSummary:
+        return HashSummary.of_rows(rows, self.options.by)
 
     def combine(self, summaries: list[HashSummary]) -> HashSummary:
-        return merge(summaries, self.options.threshold)
+        return merge(summaries, self.threshold)
 
     def conclude(self, summary: HashSummary) -> dict[str, Any]:
-        groups = groups_of(summary)
+        """The groups file and the report's section. Each group says which members are
+        new in this run and which earlier item each matches, with URLs."""
+        first_new = self.index.first_new
+        groups = groups_of(summary, first_new)
+        new = [member for group in groups for member in group["new"]]
+        urls = self.index.urls(
+            {m["key"] for m in new} | {m["matches"]["key"] for m in new if m["matches"]}
+        )
+        for member in new:
+            member["url"] = urls.get(member["key"])
+            if member["matches"]:
+                member["matches"]["url"] = urls.get(member["matches"]["key"])
         result = {
-            "threshold": self.options.threshold,
+            "by": self.options.by,
+            "threshold": self.threshold,
             "items": len(summary.keys),
             "groups": len(groups),
             "duplicates": sum(len(group["duplicates"]) for group in groups),
+            "new_items": int(np.count_nonzero(summary.indices >= first_new)),
+            "new_duplicates": sum(
+                m["key"] != group["keep"] for group in groups for m in group["new"]
+            ),
+            "new_matching_earlier": sum(1 for member in new if member["matches"]),
         }
         document = {**result, "dropped": self.options.drop, "members": groups}
         write_output(self.groups_path, json.dumps(document, indent=1).encode())

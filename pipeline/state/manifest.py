@@ -9,11 +9,20 @@ own compaction, dedup and index to do the same.
 
     items(key, url, status, stage, reason, message, attempt, run_id, updated_at)
     sinks(key, sink, fingerprint, outputs)   one row per sink an item is done for
+    hashes(reducer, key, fingerprint, hash, ord)
+                                             what a reducer keeps of an item across runs
+                                             (dedupe: its hash), under the reducer's
+                                             lineage fingerprint; `ord` orders items by
+                                             when they were first kept (earlier runs first)
 
 `attempt` is the fingerprint of the sinks the last attempt ran, so a failure
 is retried when the config it failed under changed. A per-connection TEMP
 table of the keys seen in this run finds duplicate lines without holding every
 key of a long list in memory.
+
+Every table is created if missing, so a manifest from before a table existed opens
+as it is and gains it. A reducer's rows (`keep_values`) are written in the same
+transaction as the partition's items, so neither exists without the other.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +58,24 @@ CREATE TABLE IF NOT EXISTS sinks (
     outputs TEXT NOT NULL,
     PRIMARY KEY (key, sink)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hashes (
+    reducer TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    PRIMARY KEY (reducer, key)
+) WITHOUT ROWID;
 """
+IndexRow = tuple[str, str, int]  # key, value, order
+
+
+@dataclass(frozen=True)
+class KeptValues:
+    """What a reducer keeps of each committed record (`Manifest.keep_values`)."""
+
+    fingerprint: str  # the reducer's lineage: rows under another one are stale
+    value: Callable[[Record], str | None]  # None: nothing to keep (the row goes)
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,8 @@ class Manifest:
             self.db.execute("PRAGMA temp_store=FILE")  # the keys seen in a run stay on disk
             self.db.executescript(SCHEMA)
             self.db.execute("CREATE TEMP TABLE seen (key TEXT PRIMARY KEY, line INTEGER)")
+        self.kept: dict[str, KeptValues] = {}
+        self._first_new: int | None = None
 
     def __enter__(self) -> Manifest:
         return self
@@ -157,6 +185,7 @@ class Manifest:
                     ),
                 )
                 self._mark_done(record, attempt)
+            self._keep(records, attempts)
 
     def _mark_done(self, record: Record, attempt: Attempt) -> None:
         """An ok item is done for every sink it was sent to; a failed one for those that
@@ -170,6 +199,66 @@ class Manifest:
                 if record["status"] == "ok" or sink in outputs
             ],
         )
+
+    def keep_values(
+        self, reducer: str, fingerprint: str, value: Callable[[Record], str | None]
+    ) -> None:
+        """From now on `commit` keeps `value(record)` of every record it commits whose
+        attempt ran `reducer` (a record it gives None for loses its row)."""
+        self.kept[reducer] = KeptValues(fingerprint, value)
+
+    @property
+    def first_new(self) -> int:
+        """The order of this run's items: an item first kept in this run has `ord`
+        `first_new + index`; every earlier run's item a lower one."""
+        if self._first_new is None:
+            (top,) = self.db.execute("SELECT coalesce(max(ord), -1) FROM hashes").fetchone()
+            self._first_new = int(top) + 1
+        return self._first_new
+
+    def _keep(self, records: list[Record], attempts: dict[str, Attempt]) -> None:
+        for reducer, kept in self.kept.items():
+            ran = [r for r in records if reducer in attempts[r["key"]].sinks]
+            values = [(r, kept.value(r)) for r in ran]
+            self.db.executemany(
+                "INSERT INTO hashes VALUES (?, ?, ?, ?, ?) ON CONFLICT (reducer, key) DO UPDATE"
+                " SET fingerprint = excluded.fingerprint, hash = excluded.hash",  # order stays
+                [
+                    (reducer, r["key"], kept.fingerprint, value, self.first_new + r["index"])
+                    for r, value in values
+                    if value is not None
+                ],
+            )
+            self.db.executemany(
+                "DELETE FROM hashes WHERE reducer = ? AND key = ?",
+                [(reducer, r["key"]) for r, value in values if value is None],
+            )
+
+    def indexed_keys(self, reducer: str, fingerprint: str, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` have a value kept by `reducer` under `fingerprint` (one query)."""
+        rows = self.db.execute(
+            "SELECT key FROM hashes WHERE reducer = ? AND fingerprint = ?"
+            " AND key IN (SELECT value FROM json_each(?))",
+            (reducer, fingerprint, json.dumps(list(keys))),
+        )
+        return {key for (key,) in rows}
+
+    def kept_values(self, reducer: str, fingerprint: str, chunk: int) -> Iterator[list[IndexRow]]:
+        """Every value `reducer` keeps under `fingerprint`, `chunk` rows at a time."""
+        cursor = self.db.execute(
+            "SELECT key, hash, ord FROM hashes WHERE reducer = ? AND fingerprint = ?",
+            (reducer, fingerprint),
+        )
+        while rows := cursor.fetchmany(chunk):
+            yield rows
+
+    def urls(self, keys: Iterable[str]) -> dict[str, str]:
+        """The URL of each of `keys` the manifest has (one query)."""
+        rows = self.db.execute(
+            "SELECT key, url FROM items WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(keys)),),
+        )
+        return dict(rows.fetchall())
 
     def totals(self) -> Counter[tuple[str, str | None]]:
         """Items by (status, reason)."""

@@ -35,10 +35,31 @@ they are written) sets `needs_first_pass`. Then, before the main pass:
 
 So the main pass reads nothing the first pass wrote: the conclusion is data in the
 plan. A reducer that needs no first pass summarizes the main pass's records.
+
+A reducer that `keeps_index` reduces across runs, not only over this run's batch: the
+manifest keeps `index_value(record)` of every item it commits (dedupe: the hash), in
+the same transaction as the item, under the reducer's lineage fingerprint. Then:
+
+    with_index(index)    client: the reducer as the run's client uses it, knowing the
+                         `Index` (the order of this run's first new item, the URLs of
+                         keys); this run's items come after every earlier one in order
+    summarize_index(rows)
+                         client: a summary of kept (key, value, order) rows, read from
+                         the manifest a chunk at a time; these summaries are leaves of
+                         the same tree as the partitions'
+    without a first pass the reducer reduces only the manifest's rows, once the last
+                         partition is committed: items done in earlier runs (skipped
+                         as `unchanged`) are never run again, and items that are not
+                         in this run's input at all still count
+    with a first pass    the first pass runs only the items without a kept value, and
+                         reduces their summaries with the rows kept before the run
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.records import Partition, Record
@@ -52,6 +73,21 @@ class Conclusion:
     def for_partition(self, partition: Partition) -> Conclusion:
         """The part of it that `partition`'s task needs (all of it, unless overridden)."""
         return self
+
+
+IndexRow = tuple[str, str, int]  # key, kept value, order (earlier runs' items first)
+
+
+def _no_urls(keys: Iterable[str]) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Index:
+    """What a reducer that `keeps_index` knows on the client about the items it kept."""
+
+    first_new: int = 0  # orders from here on are this run's items (order: first_new + index)
+    urls: Callable[[Iterable[str]], dict[str, str]] = field(default=_no_urls)  # key -> URL
 
 
 class Reducer(Step[OptionsT]):
@@ -70,6 +106,28 @@ class Reducer(Step[OptionsT]):
     def first_pass_options(cls, options: AnyOptions) -> AnyOptions:
         """The options the stage runs with in the first pass."""
         return options
+
+    index: Index = Index()
+
+    @property
+    def keeps_index(self) -> bool:
+        """True: the manifest keeps `index_value` of each item, and reductions span runs."""
+        return False
+
+    def index_value(self, record: Record) -> str | None:
+        """With `keeps_index`: what the manifest keeps of a committed record (None: nothing,
+        and any value kept earlier goes)."""
+        return None
+
+    def with_index(self, index: Index) -> Reducer[OptionsT]:
+        """With `keeps_index`: a copy that knows `index` (on the client only)."""
+        bound = copy.copy(self)
+        bound.index = index
+        return bound
+
+    def summarize_index(self, rows: list[IndexRow]) -> Any:
+        """With `keeps_index`: a summary of rows the manifest kept."""
+        raise NotImplementedError
 
     def summarize(self, records: list[Record]) -> Any:
         raise NotImplementedError
