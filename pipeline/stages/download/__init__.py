@@ -18,6 +18,7 @@ from pipeline.errors import ItemError
 from pipeline.records import Item, Record
 from pipeline.stages.base import Step
 from pipeline.stages.download.fsspec_io import read_fsspec
+from pipeline.stages.download.hashes import digests, verify
 from pipeline.stages.download.http import HostSlots, fetcher_for, use_host_slots
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
@@ -50,7 +51,23 @@ class Download(Step[DownloadOptions]):
         if not data:
             raise ItemError("empty", "the body is empty")
         item.record["bytes"] = len(data)
+        self.hash(data, item.record)
         return item.derive(data)
+
+    def hash(self, data: bytes, record: Record) -> None:
+        """Put the configured digests of `data` in `record`; check the list's, if asked."""
+        options = self.options
+        if not options.computed_hashes:
+            return
+        found = digests(data, options.computed_hashes)
+        record.update(found)
+        if options.verify_hash:
+            verify(
+                record,
+                options.verify_hash,
+                options.verify_algorithm,
+                found[options.verify_algorithm],
+            )
 
     def fetch(self, url: str, record: Record) -> bytes:
         """The bytes at `url`; raise ItemError with a reason code."""

@@ -13,7 +13,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -39,6 +39,7 @@ from pipeline.stages.download.policy import (
     RetryPolicy,
     check_robots_tag,
 )
+from pipeline.stages.download.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsNeeded
 
 CHUNK = 64 * 1024
 TRANSIENT_STATUSES = {408, 429}  # retried, like every 5xx
@@ -171,41 +172,76 @@ class HttpFetcher:
         self.slots = HostSlots(options.per_host)
         self.headers = {"User-Agent": options.user_agent}
         self.redirect_schemes = {"http", "https"} & set(options.allow_schemes)
+        self.robots: RobotsCache | None = None
+        if options.respect_robots_txt:
+            self.robots = RobotsCache(self._fetch_robots, options.robots_token)
 
     def fetch(self, url: str, record: Record) -> bytes:
-        """The body of `url`, retrying what is worth retrying; `record["attempts"]` counts."""
+        """The body of `url`, retrying what is worth retrying; `record["attempts"]` counts.
+
+        With `respect_robots_txt`, `url` and every redirect hop are checked against their
+        host's robots.txt first. A hop to a host whose robots.txt this process has not
+        read ends the attempt; it is read outside the attempt (no deadline or host slot
+        held meanwhile) and the attempt starts again, which is not counted as a retry.
+        """
+        if self.robots is not None:
+            self.robots.check(url)
+        detours = 0
+        while True:
+            try:
+                return self._retrying(lambda: self._attempt(url), record)
+            except RobotsNeeded as needed:
+                detours += 1
+                if self.robots is None or detours > self.options.max_redirects:
+                    raise ItemError(
+                        "too_many_redirects", "redirects kept reaching new hosts"
+                    ) from None
+                self.robots.check(needed.url)
+
+    def _retrying(self, attempt_once: Callable[[], bytes], record: Record | None) -> bytes:
         attempt = 1
         while True:
-            record["attempts"] = attempt
+            if record is not None:
+                record["attempts"] = attempt
             try:
-                return self._attempt(url)
+                return attempt_once()
             except RetryableError as failure:
                 if attempt > self.options.retries:
                     raise failure.error from None
                 time.sleep(self.retry.delay(attempt, failure.retry_after))
             attempt += 1
 
-    def _attempt(self, url: str) -> bytes:
+    def _fetch_robots(self, robots_url: str) -> bytes:
+        """The body of a host's robots.txt (at most ROBOTS_MAX_BYTES), or ItemError."""
+        return self._retrying(lambda: self._attempt(robots_url, ROBOTS_MAX_BYTES, False), None)
+
+    def _attempt(self, url: str, max_bytes: int | None = None, image: bool = True) -> bytes:
         slots = getattr(_thread_slots, "slots", self.slots)
         with slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
             try:
-                response = self._open(url)
-                return self._read(response, dl)
+                response = self._open(url, image)
+                return self._read(response, dl, max_bytes or self.options.max_bytes)
             except BlockedAddress as exc:
                 raise ItemError("blocked_address", str(exc)) from None
             except urllib3.exceptions.HTTPError as exc:
                 raise classify(exc, dl) from None
 
-    def _open(self, url: str) -> urllib3.BaseHTTPResponse:
-        """GET `url`, following at most `max_redirects` redirects, each hop checked."""
+    def _open(self, url: str, image: bool = True) -> urllib3.BaseHTTPResponse:
+        """GET `url`, following at most `max_redirects` redirects, each hop checked
+        (for an image, not robots.txt itself: against its host's robots.txt too)."""
         seen = {url}
-        for _ in range(self.options.max_redirects + 1):
+        for hop in range(self.options.max_redirects + 1):
+            if hop and image and self.robots is not None:
+                robots = self.robots.cached(url)
+                if robots is None:
+                    raise RobotsNeeded(url)
+                robots.check(url)
             response = self.pool.urlopen(
                 "GET", url, redirect=False, preload_content=False, headers=self.headers
             )
             location = response.get_redirect_location()
             if not location:
-                return self._checked(response)
+                return self._checked(response, image)
             _discard(response)
             url = urljoin(url, location)
             if urlsplit(url).scheme.lower() not in self.redirect_schemes:
@@ -215,22 +251,26 @@ class HttpFetcher:
             seen.add(url)
         raise ItemError("too_many_redirects", f"more than {self.options.max_redirects} redirects")
 
-    def _checked(self, response: urllib3.BaseHTTPResponse) -> urllib3.BaseHTTPResponse:
+    def _checked(
+        self, response: urllib3.BaseHTTPResponse, image: bool = True
+    ) -> urllib3.BaseHTTPResponse:
         """The response if its status and headers allow reading the body; else raise."""
         try:
             error = status_error(response.status, response.headers.get("Retry-After"))
             if error:
                 raise error
-            if self.options.respect_robots_tag:
+            if image and self.options.respect_robots_tag:
                 check_robots_tag(response.headers.getlist("X-Robots-Tag"))
         except Exception:
             _discard(response)
             raise
         return response
 
-    def _read(self, response: urllib3.BaseHTTPResponse, deadline: Deadline) -> bytes:
+    def _read(
+        self, response: urllib3.BaseHTTPResponse, deadline: Deadline, max_bytes: int
+    ) -> bytes:
         try:
-            data = read_capped(response, self.options.max_bytes)
+            data = read_capped(response, max_bytes)
         except BaseException:
             _discard(response)
             raise

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
 from pipeline.config.model import Options
+from pipeline.stages.download.hashes import HashName, check_available
 from pipeline.stages.download.policy import AllowEntry
+from pipeline.stages.download.robots import product_token
 
 
 class DownloadOptions(Options):
@@ -38,6 +40,30 @@ class DownloadOptions(Options):
     respect_robots_tag: bool = Field(
         False, description="Fail items whose X-Robots-Tag says noai or noimageai (disallowed)"
     )
+    respect_robots_txt: bool = Field(
+        False,
+        description="Fail items whose host's robots.txt disallows them for `robots_agent` "
+        "(disallowed); a robots.txt that times out, cannot be reached or answers 5xx "
+        "disallows its host; a 4xx one allows everything",
+    )
+    robots_agent: str | None = Field(
+        None,
+        description="The name robots.txt groups are matched against; default: the product "
+        "token of user_agent (the text before its first '/')",
+    )
+    hashes: tuple[HashName, ...] = Field(
+        ("sha256",),
+        description="Hex digests of the downloaded bytes put in each record (sha256, md5, "
+        "sha1; xxh64 needs the xxhash package); [] for none",
+    )
+    verify_hash: str | None = Field(
+        None,
+        description="A field of the list holding the expected hex digest; a different one "
+        "fails as hash_mismatch, an empty or missing one is not checked",
+    )
+    verify_algorithm: HashName = Field(
+        "sha256", description="The algorithm of the digests in the verify_hash field"
+    )
     allow_schemes: tuple[str, ...] = Field(
         ("http", "https"),
         description="URL schemes allowed; 'file' for local paths, other fsspec schemes by name",
@@ -60,3 +86,31 @@ class DownloadOptions(Options):
         for entry in entries:
             AllowEntry.parse(entry)  # raises ValueError naming a bad entry
         return entries
+
+    @field_validator("hashes")
+    @classmethod
+    def _available_hashes(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_available(name) for name in dict.fromkeys(names))
+
+    @field_validator("verify_algorithm")
+    @classmethod
+    def _available_algorithm(cls, name: str) -> str:
+        return check_available(name)
+
+    @field_validator("robots_agent")
+    @classmethod
+    def _agent_token(cls, agent: str | None) -> str | None:
+        if agent is not None and not product_token(agent):
+            raise ValueError("robots_agent needs letters, '-' or '_' (a product token)")
+        return agent
+
+    @property
+    def robots_token(self) -> str:
+        """The product token robots.txt user-agent lines are matched against."""
+        return product_token(self.robots_agent or self.user_agent)
+
+    @property
+    def computed_hashes(self) -> tuple[str, ...]:
+        """`hashes`, and the verify algorithm if a column is verified (each once)."""
+        extra = (self.verify_algorithm,) if self.verify_hash else ()
+        return tuple(dict.fromkeys((*self.hashes, *extra)))
