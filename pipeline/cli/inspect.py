@@ -13,7 +13,7 @@ from pipeline.cli.arguments import (
     plan_from,
 )
 from pipeline.errors import EXIT_OK
-from pipeline.execution.backends import Backend
+from pipeline.execution.backends import Backend, DistributedBackend, describe_cluster, job_script
 from pipeline.execution.runner import backend_for, plan_warnings
 from pipeline.plan import Plan
 from pipeline.plan.graph import RENDER_FORMATS, dot, mermaid, render
@@ -89,6 +89,7 @@ def describe_plan(path: Path, plan: Plan, backend: Backend) -> str:
     lines = [
         f"job        {config.name}  ({path}, config hash {plan.fingerprint})",
         f"backend    {backend.describe()}, up to {backend.max_in_flight} partitions in flight",
+        *_cluster_lines(backend),
         f"items      {_items(total, config.partition_size)}",
         f"output     {config.output}/  ({RESULTS_FILE}, {REPORT_FILE})",
         "stages",
@@ -104,6 +105,29 @@ def describe_plan(path: Path, plan: Plan, backend: Backend) -> str:
     lines.append("warnings   " + ("none" if not problems else problems[0]))
     lines += [f"           {problem}" for problem in problems[1:]]
     return "\n".join(lines)
+
+
+def _cluster_lines(backend: Backend) -> list[str]:
+    """What a `backend.cluster` run creates (and closes when it ends): the cluster, its
+    scaling, and for dask-jobqueue the batch script of each worker job."""
+    spec = backend.cluster_config if isinstance(backend, DistributedBackend) else None
+    if spec is None:
+        return []
+    wait = spec.wait_for_workers
+    lines = [
+        f"cluster    creates {describe_cluster(spec)}; closed when the run ends",
+        f"           waits for {spec.workers_to_wait_for} worker(s) at start, and at most "
+        f"{wait.timeout:g}s with none (wait_for_workers)",
+    ]
+    try:
+        script = job_script(spec)
+    except Exception as exc:  # its kwargs are the cluster class's to judge
+        lines.append(f"           job script: cannot be made: {type(exc).__name__}: {exc}")
+        return lines
+    if script is not None:
+        lines.append("job script (each worker job; the scheduler's address is filled in at run)")
+        lines += [f"  {line}" if line else "" for line in script.strip().splitlines()]
+    return lines
 
 
 def _items(total: int | None, size: int) -> str:

@@ -15,9 +15,12 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -53,6 +56,105 @@ def unknown_backend(name: str) -> str:
     )
 
 
+# Where a cluster class's package comes from, when its module name is not it.
+PIP_NAMES = {"dask_cloudprovider": "dask-cloudprovider[all]"}
+
+
+def pip_name(module: str) -> str:
+    """The `pip install` name of a top-level module (dask_jobqueue -> dask-jobqueue)."""
+    top = module.split(".")[0]
+    return PIP_NAMES.get(top, top.replace("_", "-"))
+
+
+def import_problem(path: str) -> str | None:
+    """Why `module.Name` cannot be imported (with the `pip install` line), or None."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    if not module or not name:
+        return f"'{path}' is not an import path like dask_jobqueue.SLURMCluster"
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        return (
+            f"cannot import {module} ({exc}): the client creates the cluster, so install "
+            f"it here: pip install {pip_name(missing)}"
+        )
+    if not callable(getattr(found, name, None)):
+        classes = [attr for attr in dir(found) if attr[:1].isupper()]
+        return f"{module} has no class {name}{suggest(name, classes)}"
+    return None
+
+
+class WaitForWorkers(Options):
+    """How many workers a created cluster must have before (and while) partitions run."""
+
+    n: NonNegativeInt | None = Field(
+        None,
+        description="Workers to wait for before the first task; default: scale or adapt.minimum",
+    )
+    timeout: PositiveFloat = Field(
+        300.0, description="Seconds to wait for them, and the longest a run waits with none"
+    )
+
+
+class AdaptConfig(BaseModel):
+    """`cluster.adapt(...)`: minimum and maximum workers, and any other keyword it takes
+    (interval, wait_count, target_duration)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    minimum: NonNegativeInt = Field(0, description="Fewest workers (0: none when idle)")
+    maximum: PositiveInt = Field(description="Most workers; also sizes the in-flight window")
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"minimum": self.minimum, "maximum": self.maximum, **(self.model_extra or {})}
+
+
+class ClusterConfig(Options):
+    """A cluster the run creates and closes: `class(**kwargs)`, then scale or adapt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_: str = Field(
+        alias="class",
+        description="Import path of a cluster class, e.g. dask_jobqueue.SLURMCluster",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments")
+    scale: NonNegativeInt | None = Field(None, description="cluster.scale(N): a fixed size")
+    adapt: AdaptConfig | None = Field(None, description="cluster.adapt(...): scale on demand")
+    wait_for_workers: WaitForWorkers = WaitForWorkers()
+
+    @field_validator("class_")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        problem = import_problem(value)
+        if problem:
+            raise PydanticCustomError("unknown_name", "{problem}", {"problem": problem})
+        return value
+
+    @field_validator("adapt")
+    @classmethod
+    def _scale_or_adapt(cls, value: AdaptConfig | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("scale") is not None:
+            raise PydanticCustomError("unknown_name", "give scale or adapt, not both", {})
+        if value is not None and value.minimum > value.maximum:
+            raise PydanticCustomError("unknown_name", "adapt.minimum is above adapt.maximum", {})
+        return value
+
+    @property
+    def workers_to_wait_for(self) -> int:
+        """Workers to wait for before the first task: none when adapting from 0, which
+        scales up only once tasks are queued."""
+        if self.wait_for_workers.n is not None:
+            return self.wait_for_workers.n
+        if self.adapt is not None:
+            return self.adapt.minimum
+        return self.scale or 0
+
+
 class BackendConfig(Options):
     """Where and how partitions run."""
 
@@ -67,9 +169,29 @@ class BackendConfig(Options):
     address: str | None = Field(
         None, description="distributed only: scheduler address; none starts a LocalCluster"
     )
-    max_in_flight: PositiveInt | None = Field(
-        None, description="Partitions submitted but not finished; default: 2 x workers"
+    cluster: ClusterConfig | None = Field(
+        None,
+        description="distributed only: a cluster to create and close (instead of address)",
     )
+    client_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="distributed only: keyword arguments of the Client"
+    )
+    retries: NonNegativeInt = Field(
+        1, description="distributed only: times a task that raised is re-run (not item errors)"
+    )
+    max_in_flight: PositiveInt | None = Field(
+        None,
+        description="Partitions submitted but not finished; default: 2 x workers "
+        "(distributed: 2 x the cluster's live threads, or its adapt.maximum)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_means_distributed(cls, data: Any) -> Any:
+        """A `cluster` with no `kind` runs on it: kind distributed."""
+        if isinstance(data, dict) and data.get("cluster") is not None and "kind" not in data:
+            return {**data, "kind": "distributed"}
+        return data
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -78,6 +200,17 @@ class BackendConfig(Options):
         if isinstance(value, str) and value not in get_args(BackendKind):
             raise PydanticCustomError(
                 "unknown_name", "{problem}", {"problem": unknown_backend(value)}
+            )
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _address_or_cluster(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("address"):
+            raise PydanticCustomError(
+                "unknown_name",
+                "give one of backend.address and backend.cluster, not both (address: {address})",
+                {"address": info.data["address"]},
             )
         return value
 

@@ -4,7 +4,8 @@
     sync          dask.local.SynchronousExecutor (one at a time, in the client)
     threads       a thread pool, like dask's threaded scheduler
     processes     a process pool in dask's multiprocessing context
-    distributed   a dask.distributed Client: an existing scheduler, or a LocalCluster
+    distributed   a dask.distributed Client: an existing scheduler, a cluster the run
+                  creates from `backend.cluster` (any cluster class), or a LocalCluster
 
 Names have aliases (`BACKEND_ALIASES`); an unknown name is a ConfigError that
 lists the valid ones.
@@ -12,16 +13,21 @@ lists the valid ones.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import secrets
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import BackendConfig
-from pipeline.config.model import unknown_backend
+from pipeline.config.model import ClusterConfig, unknown_backend
 from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.logs import logger
 from pipeline.plan import Plan
@@ -33,9 +39,10 @@ if TYPE_CHECKING:
 
 log = logger("backend")
 
-TASK_RETRIES = 1  # distributed re-runs a task that raised (not item errors: those are records)
 CONNECT_TIMEOUT = "10s"
 WORKER_WAIT = 60  # seconds to wait for a first worker (a scaling cluster may start empty)
+SIZE_INTERVAL = 1.0  # seconds between two reads of a cluster's live size (one RPC each)
+IDLE_POLL = 5.0  # seconds the engine waits for a partition before it checks the workers
 DEFAULT_THREADS_PER_WORKER = 2  # as workers_per_core: a second task hides the first's waits
 # The statistical profiler samples every worker thread: 6 % of CPU per image (bench).
 LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
@@ -99,6 +106,13 @@ class Backend:
     def task_options(self, partition: Partition) -> dict[str, Any]:
         """Extra keyword arguments for `executor.submit` (e.g. a task key)."""
         return {}
+
+    # Seconds the engine waits for a partition before calling `waiting`; None: no limit.
+    poll_interval: float | None = None
+
+    def waiting(self, in_flight: int) -> None:
+        """Called by the engine when `poll_interval` passed with no partition finished:
+        a backend whose workers may all be gone logs it, and raises once it waited too long."""
 
 
 class SyncBackend(Backend):
@@ -199,32 +213,110 @@ def start_worker_forkserver() -> None:
 
 
 class DistributedBackend(Backend):
-    """A dask.distributed cluster: the scheduler at `address`, or a LocalCluster.
+    """A dask.distributed cluster: the scheduler at `address`, a cluster this run
+    creates from `backend.cluster` and closes, or a LocalCluster.
 
     The address comes from `--scheduler`, else `backend.address` in the YAML, else
-    `DASK_SCHEDULER_ADDRESS`. Before any task runs, every worker gets this client's
-    code and is checked (`prepare_workers`). Tasks have named keys (`partition-N-RUN`)
-    and `retries=TASK_RETRIES` for transient errors; a partition whose worker dies
-    is recomputed elsewhere, up to `distributed.scheduler.allowed-failures` times.
-    The plan (about 2 KB pickled) travels in every task instead of being scattered
-    once: a task then depends on nothing that a dead worker could take with it.
+    `DASK_SCHEDULER_ADDRESS` (not with `backend.cluster`). Before any task runs, every
+    worker gets this client's code and is checked (`prepare_workers`). Tasks have named
+    keys (`partition-N-RUN`) and `retries=backend.retries` for transient errors; a
+    partition whose worker dies is recomputed elsewhere, up to
+    `distributed.scheduler.allowed-failures` times. The plan (about 2 KB pickled)
+    travels in every task instead of being scattered once: a task then depends on
+    nothing that a dead worker could take with it.
+
+    The in-flight window follows the cluster's live size (read at most every
+    SIZE_INTERVAL seconds), or its `adapt.maximum` when adapting, so that enough
+    partitions stay queued for dask's Adaptive to scale up on. With no worker at all,
+    the run waits, logging it, for at most `cluster.wait_for_workers.timeout` seconds.
+    A cluster this run created (or its LocalCluster) is closed however the run ends:
+    SIGTERM then raises `Terminated` in the main thread, which unwinds like Ctrl-C.
     """
 
     name = "distributed"
     workers_per_core = 1  # one process per core, each with DEFAULT_THREADS_PER_WORKER threads
+    poll_interval = IDLE_POLL
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
-        self.address = config.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        self.cluster_config: ClusterConfig | None = config.cluster
+        env_address = None if config.cluster else os.environ.get("DASK_SCHEDULER_ADDRESS")
+        self.address = config.address or env_address or None
         self.client: Client | None = None
-        self.threads = self.workers * (config.threads_per_worker or DEFAULT_THREADS_PER_WORKER)
+        self.cluster: Any = None  # the cluster object this run created, if any
+        self.threads_per_worker = config.threads_per_worker or DEFAULT_THREADS_PER_WORKER
+        if self.cluster_config is not None:  # its size until connected: what it asks for
+            spec = self.cluster_config
+            size = spec.adapt.maximum if spec.adapt else spec.scale
+            self.workers = size or config.workers or 1
+            self.threads_per_worker = worker_threads(spec) or self.threads_per_worker
+        self.threads = self.workers * self.threads_per_worker
         self._run = secrets.token_hex(4)
+        self._sized_at = 0.0  # when the live size was last read
+        self._idle_since: float | None = None  # since when the cluster has had no worker
+
+    @property
+    def idle_timeout(self) -> float:
+        """The longest a run waits with no worker (and, at start, for its first ones)."""
+        return self.cluster_config.wait_for_workers.timeout if self.cluster_config else WORKER_WAIT
 
     @property
     def max_in_flight(self) -> int:
-        return self.config.max_in_flight or 2 * self.threads
+        """2 x the cluster's live threads (re-read as workers come and go), or 2 x the
+        threads of `adapt.maximum` workers; never less than 2 x one worker's threads, so
+        that a cluster with no worker yet still has work queued to scale up for."""
+        if self.config.max_in_flight:
+            return self.config.max_in_flight
+        self._refresh_size()
+        threads = self.threads
+        adapt = self.cluster_config.adapt if self.cluster_config else None
+        if adapt is not None:
+            threads = max(threads, adapt.maximum * self.threads_per_worker)
+        return 2 * max(threads, self.threads_per_worker)
+
+    def _refresh_size(self, force: bool = False) -> None:
+        """Workers and threads now, from the scheduler (one cheap RPC), at most every
+        SIZE_INTERVAL seconds."""
+        if self.client is None or (not force and time.monotonic() - self._sized_at < SIZE_INTERVAL):
+            return
+        self._sized_at = time.monotonic()
+        try:
+            nthreads = self.client.nthreads()
+        except OSError:  # the scheduler is away for a moment: keep the last size
+            return
+        self.workers, self.threads = len(nthreads), sum(nthreads.values())
+        if nthreads:
+            self.threads_per_worker = max(nthreads.values())
+
+    def waiting(self, in_flight: int) -> None:
+        """No partition finished for `poll_interval` seconds: fine while workers work;
+        with none, log it each time, and stop the run after `idle_timeout` seconds."""
+        self._refresh_size(force=True)
+        if self.workers:
+            self._idle_since = None
+            return
+        now = time.monotonic()
+        self._idle_since = self._idle_since or now
+        waited = now - self._idle_since
+        if waited >= self.idle_timeout:
+            raise RunIncompleteError(
+                f"no dask worker for {waited:.0f}s (wait_for_workers.timeout: "
+                f"{self.idle_timeout:g}s) with {in_flight} partition(s) queued on "
+                f"{self.describe()}: are its jobs or pods pending? (squeue, kubectl get pods)"
+            )
+        log.warning(
+            "waiting for dask workers: none connected, %d partition(s) queued "
+            "(%.0fs of %gs, wait_for_workers.timeout)",
+            in_flight,
+            waited,
+            self.idle_timeout,
+        )
 
     def describe(self) -> str:
+        spec = self.cluster_config
+        if spec is not None:
+            now = f"; {self.workers} workers, {self.threads} threads now" if self.client else ""
+            return f"distributed on a new {spec.class_} ({scaling(spec)}{now})"
         if self.address and self.client is None:  # its size is known once connected
             return f"distributed on {self.address}"
         where = self.address or "a LocalCluster"
@@ -232,25 +324,61 @@ class DistributedBackend(Backend):
 
     def executor(self) -> Executor:
         self.client = self._connect()
-        threads = self.client.nthreads()
-        self.workers, self.threads = len(threads), sum(threads.values())
+        self._refresh_size(force=True)
         if "dashboard" in self.client.scheduler_info()["services"]:  # served if bokeh is there
             self.dashboard_link = self.client.dashboard_link
             log.info("dask dashboard: %s", self.dashboard_link)  # --quiet hides it
-        return self.client.get_executor(pure=False, retries=TASK_RETRIES)
+        return self.client.get_executor(pure=False, retries=self.config.retries)
 
     def _connect(self) -> Client:
-        """A client of the scheduler at `address`, or of a new LocalCluster; closed on exit."""
+        """A client of the scheduler at `address`, of a cluster made from `backend.cluster`,
+        or of a new LocalCluster; all closed on exit."""
         import dask
         import distributed  # noqa: F401 (load its defaults first: leaving `config.set` restores them)
 
         with dask.config.set(CLIENT_CONFIG):  # read as comms and the scheduler start
+            if self.cluster_config is not None:
+                return self._cluster_client(self.cluster_config)
             return self._remote_client() if self.address else self._local_client()
+
+    def _cluster_client(self, spec: ClusterConfig) -> Client:
+        """`class(**kwargs)`, scaled or adapting, and a client of it: the cluster is closed
+        on exit (its batch jobs cancelled, its pods deleted), SIGTERM included."""
+        from distributed import Client
+
+        self._stack.enter_context(sigterm_raises())
+        log.info("creating %s", describe_cluster(spec))
+        try:
+            cluster = cluster_class(spec.class_)(**spec.kwargs)
+        except Exception as exc:
+            raise RunIncompleteError(
+                f"could not create {spec.class_}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.cluster = cluster
+        self._stack.enter_context(cluster if hasattr(cluster, "__exit__") else closing(cluster))
+        self._stack.callback(log.info, "closed %s", spec.class_)
+        if spec.adapt is not None:
+            cluster.adapt(**spec.adapt.kwargs)
+        elif spec.scale is not None:
+            cluster.scale(spec.scale)
+        client = self._stack.enter_context(Client(cluster, **self.config.client_kwargs))
+        wanted = spec.workers_to_wait_for
+        if wanted:
+            log.info("waiting for %d dask worker(s), at most %gs", wanted, self.idle_timeout)
+            try:
+                client.wait_for_workers(wanted, timeout=self.idle_timeout)
+            except TimeoutError as exc:
+                raise RunIncompleteError(
+                    f"{spec.class_}: {exc} (wait_for_workers: {wanted} in "
+                    f"{self.idle_timeout:g}s; are its jobs or pods pending?)"
+                ) from None
+        return client
 
     def _local_client(self) -> Client:
         import dask
         from distributed import Client, LocalCluster
 
+        self._stack.enter_context(sigterm_raises())
         settings = dict(LOCAL_CLUSTER_CONFIG)
         if sys.platform != "win32":  # no fork there: workers spawn
             start_worker_forkserver()
@@ -259,19 +387,22 @@ class DistributedBackend(Backend):
             cluster = self._stack.enter_context(
                 LocalCluster(
                     n_workers=self.workers,
-                    threads_per_worker=self.config.threads_per_worker or DEFAULT_THREADS_PER_WORKER,
+                    threads_per_worker=self.threads_per_worker,
                     processes=True,
                     dashboard_address="127.0.0.1:0",
                     host="127.0.0.1",
                 )
             )
-        return self._stack.enter_context(Client(cluster))
+        self.cluster = cluster
+        return self._stack.enter_context(Client(cluster, **self.config.client_kwargs))
 
     def _remote_client(self) -> Client:
         from distributed import Client
 
         try:
-            client = self._stack.enter_context(Client(self.address, timeout=CONNECT_TIMEOUT))
+            client = self._stack.enter_context(
+                Client(self.address, timeout=CONNECT_TIMEOUT, **self.config.client_kwargs)
+            )
             client.wait_for_workers(1, timeout=WORKER_WAIT)
         except (OSError, TimeoutError) as exc:
             raise RunIncompleteError(
@@ -288,6 +419,95 @@ class DistributedBackend(Backend):
 
     def task_options(self, partition: Partition) -> dict[str, Any]:
         return {"key": f"partition-{partition.index:06d}-{self._run}"}
+
+
+class Terminated(SystemExit):
+    """SIGTERM, as an exception: the run unwinds (its cluster closed) and exits 143."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` in the main thread, so that the
+    ExitStack that holds a cluster closes it (a batch scheduler's or Kubernetes' stop,
+    `kill PID`), instead of the process dying with its jobs and pods left running.
+    A second SIGTERM during the cleanup is logged and ignored. Outside the main
+    thread (signals are only handled there) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            log.warning("SIGTERM again: still closing the cluster")
+            return
+        received.append(signum)
+        log.warning("SIGTERM: stopping the run and closing the cluster")
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cluster_class(path: str) -> Any:
+    """The class (or factory, like distributed.SSHCluster) at the import path `path`."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def worker_threads(spec: ClusterConfig) -> int | None:
+    """A worker's threads, as the cluster's kwargs say (LocalCluster's threads_per_worker,
+    dask-jobqueue's cores / processes), before any worker is there to ask."""
+    kwargs = spec.kwargs
+    threads = kwargs.get("threads_per_worker") or kwargs.get("worker_threads")
+    if threads is None and isinstance(kwargs.get("cores"), int):
+        threads = kwargs["cores"] // max(1, int(kwargs.get("processes") or 1))
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
+def scaling(spec: ClusterConfig) -> str:
+    if spec.adapt is not None:
+        extra = "".join(
+            f", {k}={v!r}" for k, v in spec.adapt.kwargs.items() if k not in ("minimum", "maximum")
+        )
+        return f"adapt {spec.adapt.minimum}..{spec.adapt.maximum} workers{extra}"
+    if spec.scale is not None:
+        return f"scale to {spec.scale} workers"
+    return "sized by its kwargs"
+
+
+def describe_cluster(spec: ClusterConfig) -> str:
+    """`Class(key=value, ...)`: what the run will create."""
+    arguments = ", ".join(f"{key}={value!r}" for key, value in spec.kwargs.items())
+    return f"{spec.class_}({arguments}), {scaling(spec)}"
+
+
+def job_script(spec: ClusterConfig) -> str | None:
+    """The batch script each worker job of a dask-jobqueue cluster runs (None for other
+    classes), made without starting the cluster's scheduler: its address is a placeholder."""
+    factory = cluster_class(spec.class_)
+    job_cls = getattr(factory, "job_cls", None)
+    if job_cls is None or not hasattr(job_cls, "job_script"):
+        return None
+    import inspect
+
+    from dask_jobqueue.core import JobQueueCluster
+
+    cluster_only = set(inspect.signature(JobQueueCluster.__init__).parameters) - {
+        "interface",
+        "protocol",
+        "security",
+        "config_name",
+    }
+    kwargs = {key: value for key, value in spec.kwargs.items() if key not in cluster_only}
+    job = job_cls(scheduler="tcp://<scheduler>:8786", name="dummy-name", **kwargs)
+    return job.job_script()
 
 
 BACKENDS: dict[str, type[Backend]] = {

@@ -84,7 +84,7 @@ class _Stream:
 
     def run(self, parts: Iterable[Partition]) -> None:
         for partition in parts:
-            if len(self.in_flight) >= self.backend.max_in_flight:
+            while len(self.in_flight) >= self.backend.max_in_flight:  # a live size: re-read
                 self._collect()
             self._submit(partition)
         while self.in_flight:
@@ -108,8 +108,15 @@ class _Stream:
         return self.executor.submit(run_partition, plan, partition, **options)
 
     def _collect(self) -> None:
-        """Wait for at least one partition; hand over the records of all that finished."""
-        done, _ = wait(self.in_flight, return_when=FIRST_COMPLETED)
+        """Wait for at least one partition; hand over the records of all that finished.
+        Every `backend.poll_interval` seconds without one, the backend checks that it
+        still has workers (`Backend.waiting`: it logs, and gives up after a while)."""
+        while True:
+            poll = self.backend.poll_interval
+            done, _ = wait(self.in_flight, timeout=poll, return_when=FIRST_COMPLETED)
+            if done:
+                break
+            self.backend.waiting(len(self.in_flight))
         suspects = self._settle(done)
         if suspects:
             self._recover(suspects)

@@ -1,4 +1,5 @@
-"""A real Dask cluster on 127.0.0.1 from the `dask scheduler` / `dask worker` commands.
+"""A real Dask cluster on 127.0.0.1 from the `dask scheduler` / `dask worker` commands,
+and an sshd of its own on 127.0.0.1 for distributed.SSHCluster (`LoopbackSSHD`).
 
 Used by `make cluster` / `make cluster-down` and by the cluster tests. Every
 process writes `<name>.pid` and `<name>.log` into one folder; `stop` ends
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +140,124 @@ class DaskProcesses:
                         f"dask scheduler did not start; see {self.folder / 'scheduler.log'}"
                     ) from None
                 time.sleep(0.1)
+
+
+SSHD_PATHS = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {folder}/host_key
+PidFile {folder}/sshd.pid
+AuthorizedKeysFile {folder}/authorized_keys
+AllowUsers {user}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+LogLevel VERBOSE
+"""
+
+
+class SSHDUnavailable(RuntimeError):
+    """No sshd can be started here; the message says why."""
+
+
+def sshd_command() -> str | None:
+    """The sshd binary: on PATH, or where openssh-server puts it."""
+    found = shutil.which("sshd")
+    return found or next((path for path in SSHD_PATHS if Path(path).exists()), None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LoopbackSSHD:
+    """An sshd on 127.0.0.1 and a free port, with its own config, host key and
+    authorized_keys in `folder`, letting in only this user with a key made here
+    (`client_key`). Nothing of the system's ssh setup is read or changed, except
+    that sshd needs its privilege separation folder (/run/sshd), made if missing."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder).resolve()
+        self.user = getpass.getuser()
+        self.port = 0
+        self.client_key = self.folder / "id_ed25519"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> LoopbackSSHD:
+        sshd = sshd_command()
+        keygen = shutil.which("ssh-keygen")
+        if sshd is None or keygen is None:
+            raise SSHDUnavailable("no sshd or ssh-keygen here (apt-get install openssh-server)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o700)
+        for key in (self.folder / "host_key", self.client_key):
+            key.unlink(missing_ok=True)
+            subprocess.run(
+                [keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                check=True,
+                capture_output=True,
+            )
+        (self.folder / "authorized_keys").write_text(
+            self.client_key.with_suffix(".pub").read_text()
+        )
+        (self.folder / "authorized_keys").chmod(0o600)
+        self.port = free_port()
+        config = self.folder / "sshd_config"
+        config.write_text(SSHD_CONFIG.format(port=self.port, folder=self.folder, user=self.user))
+        privsep = Path("/run/sshd")
+        if not privsep.exists():
+            try:
+                privsep.mkdir(mode=0o755, parents=True)
+            except OSError as exc:
+                raise SSHDUnavailable(f"sshd needs {privsep}: {exc}") from None
+        check = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True)
+        if check.returncode:
+            raise SSHDUnavailable(f"sshd rejects its config: {check.stderr.strip()}")
+        log = open(self.folder / "sshd.log", "ab")  # noqa: SIM115 (the process keeps it)
+        self.process = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SSHDUnavailable(f"sshd exited: {self.log_text()[-500:]}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 1),
+            ):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise SSHDUnavailable(f"sshd did not listen on 127.0.0.1:{self.port} in {timeout:g}s")
+
+    def connect_options(self) -> dict[str, object]:
+        """asyncssh.connect's options for this server: its port, this user, the key."""
+        return {
+            "port": self.port,
+            "username": self.user,
+            "client_keys": [str(self.client_key)],
+            "known_hosts": None,
+        }
+
+    def log_text(self) -> str:
+        path = self.folder / "sshd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """End this sshd and the sessions it started (their processes: workers, scheduler)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            _terminate([psutil.Process(self.process.pid)])
+        self.process.wait(timeout=STOP_GRACE)
+        self.process = None
 
 
 def _terminate(processes: list[psutil.Process]) -> None:

@@ -1,0 +1,431 @@
+"""Clusters the run creates from `backend.cluster` (issue 14): an adaptive LocalCluster
+scaling up from no worker, a real SSHCluster over a loopback sshd, SIGTERM closing the
+cluster, the in-flight window following the live size, and the example configs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline import logs
+from pipeline.config import BackendConfig
+from pipeline.errors import ConfigError, RunIncompleteError
+from pipeline.execution import backends
+from pipeline.execution.backends import DistributedBackend
+from pipeline.execution.runner import RunRequest, backend_for, load_plan, run
+from pipeline.testing.cluster import LoopbackSSHD, SSHDUnavailable
+from pipeline.testing.images import jpeg_bytes, photo
+from pipeline.testing.server import TestServer
+from tests.conftest import REPO, write_url_list
+from tests.test_backends import JOB, outputs, records
+
+LOCAL = "{host: 127.0.0.1, dashboard_address: '127.0.0.1:0'"
+IN_PROCESS = "{processes: false, dashboard_address: '127.0.0.1:0'"  # inproc:// comms
+ADAPT_FROM_ZERO = (
+    "backend:\n"
+    "  cluster:\n"
+    "    class: distributed.LocalCluster\n"
+    f"    kwargs: {LOCAL}, n_workers: 0, threads_per_worker: 2}}\n"
+    # Adaptive asks for the workers that would finish the queued work in target_duration
+    # (default 5 s): 1 s makes this short job ask for its maximum.
+    "    adapt: {minimum: 0, maximum: 2, interval: 200ms, target_duration: 1s}\n"
+)
+ADAPT_ITEMS = 24
+
+
+def job_with_backend(out: Path, urls: Path, backend: str) -> str:
+    """The standard two-branch job of test_backends with another `backend:` block."""
+    text = JOB.format(out=out, urls=urls)
+    return text.replace("backend: {kind: threads, workers: 2}\n", backend)
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, image_server):
+    return write_url_list(tmp_path_factory.mktemp("lists") / "urls.txt", image_server)
+
+
+@pytest.fixture(scope="module")
+def threads_outputs(urls, tmp_path_factory):
+    out = tmp_path_factory.mktemp("threads") / "out"
+    config = out.parent / "threads.yaml"
+    config.write_text(JOB.format(out=out, urls=urls))
+    run(RunRequest(config=config))
+    return outputs(out)
+
+
+class WorkerCounts:
+    """Samples the live worker count of a backend's cluster every `interval` seconds."""
+
+    def __init__(self, backend: DistributedBackend, interval: float = 0.1):
+        self.backend, self.interval = backend, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._start = time.monotonic()
+
+    def __enter__(self) -> WorkerCounts:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            client = self.backend.client
+            if client is None or client.status != "running":
+                continue
+            try:
+                count = len(client.scheduler_info()["workers"])
+            except Exception:  # closing under us
+                continue
+            self.samples.append((round(time.monotonic() - self._start, 1), count))
+
+    def changes(self) -> list[tuple[float, int]]:
+        """(seconds, workers) each time the count changed."""
+        found: list[tuple[float, int]] = []
+        for when, count in self.samples:
+            if not found or found[-1][1] != count:
+                found.append((when, count))
+        return found
+
+
+@pytest.fixture(scope="module")
+def adapt_list(tmp_path_factory):
+    """Distinct JPEGs answered after 0.2 s each: a run long enough to see workers join."""
+    with TestServer(latency=0.2) as server:
+        for index in range(ADAPT_ITEMS):
+            server.add_bytes(f"/a/{index}.jpg", jpeg_bytes(photo(96, 72, seed=index)))
+        urls = tmp_path_factory.mktemp("adapt") / "urls.txt"
+        urls.write_text("".join(server.url(f"/a/{i}.jpg") + "\n" for i in range(ADAPT_ITEMS)))
+        yield urls
+
+
+@pytest.mark.slow
+def test_an_adaptive_local_cluster_scales_up_from_no_worker(
+    adapt_list, tmp_path, caplog, monkeypatch
+):
+    def config(name: str, backend: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        text = job_with_backend(tmp_path / name, adapt_list, backend)
+        path.write_text(text.replace("partition_size: 3", "partition_size: 2"))
+        return path
+
+    run(load_plan(config("threads", "backend: {kind: threads, workers: 4}\n")))
+    plan = load_plan(config("adapt", ADAPT_FROM_ZERO))
+    backend = backend_for(plan)
+    assert isinstance(backend, DistributedBackend)
+    assert backend.max_in_flight == 2 * 2 * 2  # adapt.maximum x threads_per_worker, doubled
+    monkeypatch.setattr(logs.logger(), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="pipeline"), WorkerCounts(backend) as counts:
+        report = run(plan, backend=backend)
+    changes = counts.changes()
+    print("workers over time (s, workers):", changes)  # for the issue's resolving note
+    assert changes[0][1] == 0  # it started with none
+    assert max(count for _, count in counts.samples) == 2  # adapted up to maximum
+    assert outputs(tmp_path / "adapt") == outputs(tmp_path / "threads")
+    assert len(outputs(tmp_path / "adapt")) == 2 * ADAPT_ITEMS
+    assert report["counts"] == {"ok": ADAPT_ITEMS, "failed": 0, "skipped": 0}
+    assert report["backend"].startswith("distributed on a new distributed.LocalCluster (adapt 0..2")
+    assert "creating distributed.LocalCluster(" in caplog.text
+    assert backend.cluster.status.name == "closed"  # closed when the run ended
+    assert "closed distributed.LocalCluster" in caplog.text
+
+
+def test_a_cluster_is_closed_when_the_run_fails(urls, tmp_path):
+    backend_block = (
+        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
+        f"    kwargs: {IN_PROCESS}, n_workers: 1}}\n"
+    )
+    config = tmp_path / "fails.yaml"
+    config.write_text(job_with_backend(tmp_path / "out", urls, backend_block))
+    plan = load_plan(config)
+    backend = backend_for(plan)
+
+    def explode(stats) -> None:
+        raise RuntimeError("the client broke")
+
+    with pytest.raises(RunIncompleteError, match="the client broke"):
+        run(plan, explode, backend=backend)
+    assert backend.cluster.status.name == "closed"
+
+
+def test_no_worker_ever_stops_the_run_after_the_timeout_saying_so(
+    urls, tmp_path, caplog, monkeypatch
+):
+    """A cluster with 0 workers (jobs that stay pending): the run waits, logs, gives up."""
+    monkeypatch.setattr(DistributedBackend, "poll_interval", 0.3)
+    backend_block = (
+        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
+        f"    kwargs: {IN_PROCESS}, n_workers: 0}}\n"
+        "    scale: 0\n    wait_for_workers: {timeout: 1.5}\n"
+    )
+    config = tmp_path / "empty.yaml"
+    config.write_text(job_with_backend(tmp_path / "out", urls, backend_block))
+    plan = load_plan(config)
+    backend = backend_for(plan)
+    monkeypatch.setattr(logs.logger(), "propagate", True)
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.INFO, logger="pipeline"),
+        pytest.raises(RunIncompleteError, match=r"no dask worker for \ds \(wait_for_workers"),
+    ):
+        run(plan, backend=backend)
+    assert time.monotonic() - started < 30
+    assert "waiting for dask workers: none connected" in caplog.text
+    assert backend.cluster.status.name == "closed"
+
+
+def test_the_window_follows_the_live_size_or_adapt_maximum():
+    """Without a client the size is what the config asks for; connected, the scheduler's."""
+    spec = {"class": "distributed.LocalCluster", "kwargs": {"threads_per_worker": 3}}
+    adapting = DistributedBackend(BackendConfig(cluster={**spec, "adapt": {"maximum": 4}}))
+    assert adapting.max_in_flight == 2 * 4 * 3
+    scaled = DistributedBackend(BackendConfig(cluster={**spec, "scale": 0}))
+    assert scaled.max_in_flight == 2 * 3  # none yet: still one worker's worth queued
+
+    class Client:  # what `_refresh_size` reads: the scheduler's threads per worker
+        nthreads_now = {"tcp://a": 2, "tcp://b": 2}
+
+        def nthreads(self):
+            return self.nthreads_now
+
+    scaled.client = Client()
+    assert scaled.max_in_flight == 2 * 4  # two workers of two threads joined
+    Client.nthreads_now = {**Client.nthreads_now, "tcp://c": 2}
+    assert scaled.max_in_flight == 2 * 4  # re-read at most every SIZE_INTERVAL
+    scaled._sized_at -= backends.SIZE_INTERVAL
+    assert scaled.max_in_flight == 2 * 6
+    assert adapting.max_in_flight == 2 * 4 * 3  # adapt.maximum, until more are there
+
+
+def test_retries_are_a_config_key():
+    assert BackendConfig().retries == 1
+    assert BackendConfig(kind="distributed", retries=3).retries == 3
+    assert not hasattr(backends, "TASK_RETRIES")
+
+
+# --- config errors, validate and plan -------------------------------------------------
+
+
+def test_address_and_cluster_together_is_a_config_error(write_config, urls, tmp_path):
+    block = (
+        "backend:\n  address: tcp://127.0.0.1:8786\n  cluster: {class: distributed.LocalCluster}\n"
+    )
+    config = write_config(job_with_backend(tmp_path / "out", urls, block))
+    with pytest.raises(ConfigError) as error:
+        load_plan(config)
+    assert (
+        f"{config}:4: backend.cluster: give one of backend.address and backend.cluster, "
+        "not both (address: tcp://127.0.0.1:8786)"
+    ) in str(error.value)
+
+
+def test_a_missing_cluster_package_names_the_pip_install_line(write_config, urls, tmp_path):
+    block = "backend:\n  cluster:\n    class: dask_gateway_missing.GatewayCluster\n"
+    config = write_config(job_with_backend(tmp_path / "out", urls, block))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{config}:4: backend.cluster.class: cannot import dask_gateway_missing" in result.stderr
+    assert "pip install dask-gateway-missing" in result.stderr
+
+
+def test_an_unknown_cluster_class_suggests(write_config, urls, tmp_path):
+    block = "backend:\n  cluster: {class: distributed.LocalClustr, scale: 2, adapt: {maximum: 2}}\n"
+    config = write_config(job_with_backend(tmp_path / "out", urls, block))
+    with pytest.raises(ConfigError) as error:
+        load_plan(config)
+    message = str(error.value)
+    assert "backend.cluster.class: distributed has no class LocalClustr; did you mean" in message
+    assert "backend.cluster.adapt: give scale or adapt, not both" in message
+
+
+def test_the_slurm_example_plans_its_job_script(monkeypatch, capsys):
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is a dev dependency")
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "configs/slurm.yaml"]) == 0
+    assert main(["plan", "configs/slurm.yaml"]) == 0
+    shown = capsys.readouterr().out
+    assert "distributed on a new dask_jobqueue.SLURMCluster (adapt 0..10 workers)" in shown
+    assert "cluster    creates dask_jobqueue.SLURMCluster(queue='normal'" in shown
+    assert "at most 1800s with none" in shown
+    assert "  #SBATCH -p normal" in shown
+    assert "  #SBATCH --cpus-per-task=8" in shown
+    assert "/shared/venvs/pipeline/bin/python -m distributed.cli.dask_worker" in shown
+    assert "up to 160 partitions in flight" in shown  # 10 jobs x 8 threads, doubled
+
+
+KUBE_STUB = '''
+class KubeCluster:
+    """A stand-in: the test only plans the example, nothing is created."""
+
+    def __init__(self, **kwargs):
+        raise AssertionError("plan must not create the cluster")
+'''
+
+
+def test_the_kubernetes_example_validates_and_plans(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setitem(sys.modules, "dask_kubernetes", None)  # not installed, for sure
+    assert main(["validate", "configs/kubernetes.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert "configs/kubernetes.yaml:11: backend.cluster.class: cannot import" in error
+    assert "pip install dask-kubernetes" in error
+
+    package = tmp_path / "stub" / "dask_kubernetes"
+    (package / "operator").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "operator" / "__init__.py").write_text(KUBE_STUB)
+    monkeypatch.delitem(sys.modules, "dask_kubernetes")
+    monkeypatch.syspath_prepend(str(tmp_path / "stub"))
+    assert main(["plan", "configs/kubernetes.yaml"]) == 0
+    shown = capsys.readouterr().out
+    assert "distributed on a new dask_kubernetes.operator.KubeCluster (adapt 1..20" in shown
+    assert "image='ghcr.io/example/pipeline-worker:latest'" in shown
+    assert "waits for 1 worker(s) at start, and at most 600s" in shown
+    assert "job script" not in shown  # only dask-jobqueue clusters have one
+
+
+# --- a real SSHCluster ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An sshd of its own on 127.0.0.1 (keys made here); skipped, naming why, where
+    none can start, except with CI=true, where the SSH test must run."""
+    server = LoopbackSSHD(tmp_path_factory.mktemp("sshd"))
+    try:
+        server.start()
+    except (SSHDUnavailable, OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run the SSH cluster test, but: {exc}")
+        pytest.skip(f"no sshd can be started here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_real_ssh_cluster_runs_the_demo_job(sshd, tmp_path, monkeypatch):
+    pytest.importorskip("asyncssh", reason="distributed.SSHCluster needs asyncssh")
+    monkeypatch.chdir(REPO)  # the demo's paths are relative to the repository
+    demo = REPO / "configs" / "thumbnails.yaml"
+    reference = tmp_path / "threads"
+    run(load_plan(demo, [f"output={reference}"]))
+    cluster = {
+        "class": "distributed.SSHCluster",
+        "kwargs": {
+            "hosts": ["127.0.0.1", "127.0.0.1", "127.0.0.1"],  # the scheduler, two workers
+            "connect_options": sshd.connect_options(),
+            "remote_python": sys.executable,  # the venv's python, on the "remote" host
+            "worker_options": {"nthreads": 2, "host": "127.0.0.1"},
+            "scheduler_options": {"port": 0, "dashboard_address": "127.0.0.1:0"},
+        },
+        "wait_for_workers": {"n": 2, "timeout": 120},
+    }
+    out = tmp_path / "ssh"
+    plan = load_plan(demo, [f"output={out}", "backend=" + json.dumps({"cluster": cluster})])
+    backend = backend_for(plan)
+    seen: dict[str, object] = {}
+
+    def spy(stats) -> None:
+        if "pythons" not in seen and backend.client is not None:
+            seen["pythons"] = set(backend.client.run(lambda: sys.executable).values())
+            seen["workers"] = len(backend.client.scheduler_info()["workers"])
+
+    report = run(plan, spy, backend=backend)
+    assert report["counts"] == {"ok": 24, "failed": 0, "skipped": 0}
+    assert report["backend"].startswith("distributed on a new distributed.SSHCluster")
+    assert outputs(out) == outputs(reference)
+    assert seen == {"pythons": {sys.executable}, "workers": 2}
+    assert backend.cluster.status.name == "closed"
+    assert sshd.log_text().count("Accepted publickey") >= 3  # one session per process
+
+
+# --- SIGTERM --------------------------------------------------------------------------
+
+SLOW_ITEMS = 40
+
+
+@pytest.fixture
+def slow_server():
+    with TestServer(latency=0.3) as server:
+        for index in range(SLOW_ITEMS):
+            server.add_bytes(f"/slow/{index}.jpg", jpeg_bytes(photo(64, 48, seed=index)))
+        yield server
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_closes_the_cluster_it_created(slow_server, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(slow_server.url(f"/slow/{i}.jpg") + "\n" for i in range(SLOW_ITEMS)))
+    block = (
+        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
+        f"    kwargs: {LOCAL}, n_workers: 2, threads_per_worker: 1}}\n"
+        "    wait_for_workers: {n: 2, timeout: 60}\n"
+    )
+    config = tmp_path / "term.yaml"
+    text = job_with_backend(tmp_path / "out", urls, block).replace(
+        "partition_size: 3", "partition_size: 1"
+    )
+    config.write_text(text)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while sum(slow_server_hits(slow_server)) < 3:  # mid-run: downloads have begun
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never started downloading"
+            time.sleep(0.05)
+        family = descendants(process.pid)
+        workers = [p for p in family if "forkserver" not in " ".join(p.cmdline())]
+        assert len(workers) >= 2, [p.cmdline() for p in family]  # the worker processes
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM: stopping the run and closing the cluster" in stderr
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert alive == [], [p.cmdline() for p in alive]  # no worker process left behind
+    results = tmp_path / "out" / "results.jsonl"
+    assert not results.exists() or len(records(tmp_path / "out")) < SLOW_ITEMS  # stopped mid-run
+
+
+def slow_server_hits(server: TestServer) -> list[int]:
+    return list(server.hits.values())
