@@ -65,9 +65,9 @@ def activate(kinds: dict[str, type[Stage]] | None = None) -> bool:
     for kind, needles in faults.items():
         cls = kinds[kind]
         if issubclass(cls, Source):
-            cls.entry = _faulty_entry(kind, needles, cls.entry)  # type: ignore[method-assign]
+            cls.entry = _faulty_entry(kind, needles, cls.entry)  # type: ignore[method-assign]  # patching is the point
         elif issubclass(cls, Step):
-            cls.process = _faulty_process(kind, needles, cls.process)  # type: ignore[method-assign]
+            cls.process = _faulty_process(kind, needles, cls.process)  # type: ignore[method-assign]  # patching is the point
         else:
             raise ValueError(f"{ENV}: stage kind {kind!r} is neither a source nor a step")
     _active = faults
