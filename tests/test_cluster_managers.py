@@ -429,3 +429,69 @@ def test_sigterm_mid_run_closes_the_cluster_it_created(slow_server, tmp_path):
 
 def slow_server_hits(server: TestServer) -> list[int]:
     return list(server.hits.values())
+
+
+# --- politeness across the cluster -----------------------------------------------------
+
+POLITE_ITEMS = 48
+
+
+class CountingImages:
+    """Distinct JPEGs, each answered after 0.1 s; counts the requests in flight at once."""
+
+    def __init__(self) -> None:
+        self.active = self.peak = self.total = 0
+        self._lock = threading.Lock()
+        self.images = [jpeg_bytes(photo(48, 36, seed=index)) for index in range(POLITE_ITEMS)]
+
+    def __call__(self, request) -> None:
+        with self._lock:
+            self.active += 1
+            self.total += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(0.1)
+            index = int(request.path.rsplit("/", 1)[-1].split(".")[0])
+            from pipeline.testing.server import send_bytes
+
+            send_bytes(request, self.images[index], "image/jpeg")
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+POLITE_JOB = """
+name: polite
+backend:
+  cluster:
+    class: distributed.LocalCluster
+    kwargs: {local}, n_workers: 2, threads_per_worker: 4}}
+    wait_for_workers: {{n: 2, timeout: 60}}
+partition_size: 2
+output: {out}
+stages:
+  urls:     {{kind: url_list, path: {urls}}}
+  download: {{kind: download, input: urls, concurrency: 8, per_host: 4, allow_hosts: [127.0.0.1]}}
+  write:    {{kind: write_images, input: decode, path: images}}
+  decode:   {{kind: decode, input: download}}
+"""
+
+
+@pytest.mark.slow
+def test_per_host_holds_for_the_whole_run_across_workers(tmp_path):
+    """Two workers with four threads each run eight partitions at once, eight downloads
+    each: without a shared limit the host would see up to 8 x 4 = 32 requests at once."""
+    counter = CountingImages()
+    with TestServer() as server:
+        for index in range(POLITE_ITEMS):
+            server.add(f"/p/{index}.jpg", counter)
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(server.url(f"/p/{i}.jpg") + "\n" for i in range(POLITE_ITEMS)))
+        config = tmp_path / "polite.yaml"
+        config.write_text(POLITE_JOB.format(local=LOCAL, out=tmp_path / "out", urls=urls))
+        report = run(load_plan(config))
+    print("peak concurrent requests the server counted:", counter.peak, "of", counter.total)
+    assert report["counts"] == {"ok": POLITE_ITEMS, "failed": 0, "skipped": 0}
+    assert counter.total == POLITE_ITEMS
+    assert counter.peak <= 4  # the server's own count
+    assert counter.peak == 4  # and the limit is used, not undercut

@@ -19,7 +19,13 @@ from pipeline.records import Item, Record
 from pipeline.stages.base import Step
 from pipeline.stages.download.fsspec_io import read_fsspec
 from pipeline.stages.download.hashes import digests, verify
-from pipeline.stages.download.http import HostSlots, fetcher_for, use_host_slots
+from pipeline.stages.download.http import (
+    ClusterHostSlots,
+    HostSlots,
+    fetcher_for,
+    host_slots,
+    use_host_slots,
+)
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.registry import register
@@ -84,10 +90,11 @@ class Download(Step[DownloadOptions]):
     def stream(self, items: Iterable[Item]) -> Iterator[Item]:
         """Keep `concurrency` downloads in flight; yield results in input order."""
         concurrency = self.options.concurrency
-        pool = _download_threads(concurrency, self.options.per_host)
+        pool = _download_threads(concurrency)
+        slots = host_slots(self.options)  # per_host for the run: found in the task's thread
         window: deque[Future[Item | None]] = deque()
         for item in items:
-            window.append(pool.submit(self.run_one, item))
+            window.append(pool.submit(self._run_counted, slots, item))
             if len(window) >= concurrency:
                 result = window.popleft().result()
                 if result is not None:
@@ -97,28 +104,28 @@ class Download(Step[DownloadOptions]):
             if result is not None:
                 yield result
 
+    def _run_counted(self, slots: HostSlots | ClusterHostSlots, item: Item) -> Item | None:
+        """`run_one` in a download thread, its requests counted against `slots`."""
+        use_host_slots(slots)
+        return self.run_one(item)
+
 
 _task_thread = threading.local()
 
 
-def _download_threads(concurrency: int, per_host: int) -> ThreadPoolExecutor:
+def _download_threads(concurrency: int) -> ThreadPoolExecutor:
     """The download pool of the worker thread running this partition, made once.
 
     Starting `concurrency` threads for every partition cost ~11 ms of wall time per
     partition under load (bench). One pool per task thread, not per process, keeps
     exactly `concurrency` requests per partition and no more threads than that.
-    The pool's threads share one `per_host` limit: a limit per running partition,
-    whether the backend runs partitions in threads of one process or in processes.
+    `per_host` is not the pool's: each download counts against the run's limit
+    (`http.host_slots`), whichever thread, partition or worker makes the request.
     """
-    pools: dict[tuple[int, int], ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
-    if (concurrency, per_host) not in pools:
-        pools[concurrency, per_host] = ThreadPoolExecutor(
-            concurrency,
-            thread_name_prefix="download",
-            initializer=use_host_slots,
-            initargs=(HostSlots(per_host),),
-        )
-    return pools[concurrency, per_host]
+    pools: dict[int, ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
+    if concurrency not in pools:
+        pools[concurrency] = ThreadPoolExecutor(concurrency, thread_name_prefix="download")
+    return pools[concurrency]
 
 
 def local_path(url: str) -> str:

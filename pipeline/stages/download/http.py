@@ -129,9 +129,10 @@ def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
 class HostSlots:
     """At most `limit` requests in flight per host; idle hosts take no memory.
 
-    A fetcher has one for the whole process (callers outside a partition's download
-    threads use it); a partition's download threads share their own instead
-    (`use_host_slots`), so the limit holds per running partition on every backend.
+    A fetcher has one for the whole process, shared by every partition running in it:
+    on the sync and threads backends, `per_host` holds for the whole run. On a dask
+    worker, the partition's download threads use `ClusterHostSlots` instead
+    (`host_slots`, `use_host_slots`), shared by every worker of the run.
     """
 
     def __init__(self, limit: int):
@@ -154,10 +155,72 @@ class HostSlots:
                 self._changed.notify_all()
 
 
+class ClusterHostSlots:
+    """`per_host` for a whole run on a dask cluster: per host, a `distributed.Semaphore`
+    of `limit` leases named by run and host, held by whichever worker thread requests
+    from that host. Made in a task's thread (it binds the worker's scheduler connection
+    and event loop: the download threads have no worker context of their own)."""
+
+    def __init__(self, limit: int, run: str, scheduler: Any, loop: Any):
+        self.limit, self.run = limit, run
+        self._scheduler, self._loop = scheduler, loop
+        self._semaphores: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def semaphore_name(self, host: str) -> str:
+        return f"pipeline-per-host-{self.run}-{host}"
+
+    def _semaphore(self, host: str) -> Any:
+        from distributed import Semaphore
+
+        with self._lock:
+            if host not in self._semaphores:
+                self._semaphores[host] = Semaphore(
+                    max_leases=self.limit,
+                    name=self.semaphore_name(host),
+                    scheduler_rpc=self._scheduler,
+                    loop=self._loop,
+                )
+            return self._semaphores[host]
+
+    @contextlib.contextmanager
+    def hold(self, host: str) -> Iterator[None]:
+        semaphore = self._semaphore(host)
+        semaphore.acquire()
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+
+_cluster_slots: dict[tuple[str, int], ClusterHostSlots] = {}
+_cluster_slots_lock = threading.Lock()
+
+
+def host_slots(options: DownloadOptions) -> HostSlots | ClusterHostSlots:
+    """The `per_host` limit a partition's downloads count against, looked up in its
+    task's thread: on a dask worker, the run's (`ClusterHostSlots`, the run read from
+    the task key `partition-N-RUN`); elsewhere, this process's (the fetcher's)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = str(worker.get_current_task())
+    except (ImportError, ValueError, KeyError):  # not in a dask task
+        return fetcher_for(options).slots
+    run = key.rsplit("-", 1)[-1] if key.startswith("partition-") else key
+    with _cluster_slots_lock:
+        found = _cluster_slots.get((run, options.per_host))
+        if found is None:
+            found = ClusterHostSlots(options.per_host, run, worker.scheduler, worker.loop)
+            _cluster_slots[run, options.per_host] = found
+        return found
+
+
 _thread_slots = threading.local()
 
 
-def use_host_slots(slots: HostSlots) -> None:
+def use_host_slots(slots: HostSlots | ClusterHostSlots) -> None:
     """Make this thread's fetches count against `slots` instead of the fetcher's own."""
     _thread_slots.slots = slots
 

@@ -14,8 +14,8 @@ class DownloadOptions(Options):
     concurrency: PositiveInt = Field(16, description="Requests in flight per partition")
     per_host: PositiveInt = Field(
         16,
-        description="Requests in flight per host, per running partition; lower it for small "
-        "servers (a host gets up to this times the partitions running at once)",
+        description="Requests in flight per host for the whole run, shared by every "
+        "partition and dask worker (processes backend: per worker process)",
     )
     timeout: PositiveFloat = Field(
         10.0, description="Total seconds per attempt (DNS lookups, redirects, headers and body)"
