@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
@@ -495,3 +496,114 @@ def test_per_host_holds_for_the_whole_run_across_workers(tmp_path):
     assert counter.total == POLITE_ITEMS
     assert counter.peak <= 4  # the server's own count
     assert counter.peak == 4  # and the limit is used, not undercut
+
+
+class StartTimes:
+    """Distinct JPEGs after `latency` s; records when each request started. The first
+    request answers 429 with Retry-After: `retry_after` if that is given."""
+
+    def __init__(self, latency: float = 0.05, retry_after: int | None = None) -> None:
+        self.latency, self.retry_after = latency, retry_after
+        self.starts: list[float] = []
+        self.limited_at: float | None = None
+        self._lock = threading.Lock()
+        self.images = [jpeg_bytes(photo(48, 36, seed=index)) for index in range(POLITE_ITEMS)]
+
+    def __call__(self, request) -> None:
+        from pipeline.testing.server import send_bytes
+
+        with self._lock:
+            now = time.monotonic()
+            self.starts.append(now)
+            limit = self.retry_after is not None and self.limited_at is None
+            if limit:
+                self.limited_at = now
+        if limit:
+            headers = {"Retry-After": str(self.retry_after)}
+            send_bytes(request, b"slow down", "text/plain", status=429, headers=headers)
+            return
+        time.sleep(self.latency)
+        index = int(request.path.rsplit("/", 1)[-1].split(".")[0])
+        send_bytes(request, self.images[index], "image/jpeg")
+
+
+def polite_run(tmp_path: Path, handler, download: str, items: int = POLITE_ITEMS) -> dict:
+    with TestServer() as server:
+        for index in range(items):
+            server.add(f"/p/{index}.jpg", handler)
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(server.url(f"/p/{i}.jpg") + "\n" for i in range(items)))
+        config = tmp_path / "polite.yaml"
+        text = POLITE_JOB.format(local=LOCAL, out=tmp_path / "out", urls=urls)
+        config.write_text(text.replace("per_host: 4", download))
+        return run(load_plan(config))
+
+
+@pytest.mark.slow
+def test_a_429_with_retry_after_pauses_the_host_for_every_worker(tmp_path):
+    handler = StartTimes(retry_after=1)
+    report = polite_run(tmp_path, handler, "per_host: 8, retries: 2, backoff: 0.05")
+    assert report["counts"] == {"ok": POLITE_ITEMS, "failed": 0, "skipped": 0}
+    assert handler.limited_at is not None
+    after = sorted(t - handler.limited_at for t in handler.starts if t > handler.limited_at)
+    print("request starts after the 429 (s):", [round(t, 2) for t in after[:10]])
+    # Requests already past the gate when the 429 came may start at once; then none for
+    # the second the server asked, from any worker.
+    assert not [t for t in after if 0.1 < t < 0.9]
+    assert after[-1] > 0.9
+
+
+@pytest.mark.slow
+def test_per_host_rate_holds_for_the_whole_run_across_workers(tmp_path):
+    handler = StartTimes(latency=0.01)
+    items = 20
+    report = polite_run(tmp_path, handler, "per_host: 16, per_host_rate: 5", items)
+    assert report["counts"] == {"ok": items, "failed": 0, "skipped": 0}
+    starts = sorted(handler.starts)
+    busiest = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    print("most request starts in one second:", busiest, "span", round(starts[-1] - starts[0], 2))
+    print("starts (s):", [round(t - starts[0], 2) for t in starts])
+    assert busiest <= 5 + 1  # 5 per second (one more for the clocks' slack)
+    assert starts[-1] - starts[0] >= (items - 5) / 5 - 0.5
+
+
+def test_per_host_holds_for_the_whole_run_on_the_threads_backend_too(tmp_path):
+    counter = CountingImages()
+    with TestServer() as server:
+        for index in range(POLITE_ITEMS):
+            server.add(f"/p/{index}.jpg", counter)
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(server.url(f"/p/{i}.jpg") + "\n" for i in range(POLITE_ITEMS)))
+        config = tmp_path / "polite.yaml"
+        config.write_text(POLITE_JOB.format(local=LOCAL, out=tmp_path / "out", urls=urls))
+        report = run(load_plan(config, ["backend={kind: threads, workers: 8}"]))
+    assert report["counts"]["ok"] == POLITE_ITEMS
+    assert counter.peak == 4  # 8 partitions at once, 8 downloads each: 4 for the host
+
+
+def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.stages.download.http import HostSlots
+
+    slots = HostSlots(limit=4, rate=20.0)
+    starts: list[float] = []
+
+    def request(_: int) -> None:
+        with slots.hold("h"):
+            starts.append(time.monotonic())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(request, range(10)))
+    starts.sort()
+    gaps = [later - earlier for earlier, later in pairwise(starts)]
+    assert min(gaps) > 0.04  # 1/20 s apart, whichever thread asks
+
+    slots = HostSlots(limit=4)
+    slots.pause("h", 0.3)  # a 429's Retry-After, seen by one thread
+    began = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(request, range(2)))
+    assert min(starts[-2:]) - began > 0.25  # every thread waited
+    with slots.hold("other"):  # other hosts do not
+        assert time.monotonic() - began < 0.5

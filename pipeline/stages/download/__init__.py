@@ -42,6 +42,7 @@ class Download(Step[DownloadOptions]):
         {
             "concurrency",
             "per_host",
+            "per_host_rate",
             "timeout",
             "connect_timeout",
             "read_timeout",

@@ -38,6 +38,7 @@ from pipeline.stages.download.policy import (
     BlockedAddress,
     RetryPolicy,
     check_robots_tag,
+    parse_retry_after,
 )
 from pipeline.stages.download.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsNeeded
 
@@ -127,21 +128,25 @@ def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
 
 
 class HostSlots:
-    """At most `limit` requests in flight per host; idle hosts take no memory.
+    """At most `limit` requests in flight per host, at most `rate` started per second
+    per host (if given), and none while a host asked to wait (`pause`, from a 429's
+    Retry-After); idle hosts take no memory.
 
     A fetcher has one for the whole process, shared by every partition running in it:
-    on the sync and threads backends, `per_host` holds for the whole run. On a dask
+    on the sync and threads backends, these limits hold for the whole run. On a dask
     worker, the partition's download threads use `ClusterHostSlots` instead
     (`host_slots`, `use_host_slots`), shared by every worker of the run.
     """
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, rate: float | None = None):
+        self.limit, self.rate = limit, rate
         self._busy: dict[str, int] = {}
+        self._next_start: dict[str, float] = {}  # monotonic: a host's next free start
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def hold(self, host: str) -> Iterator[None]:
+        self._wait_turn(host)
         with self._changed:
             self._changed.wait_for(lambda: self._busy.get(host, 0) < self.limit)
             self._busy[host] = self._busy.get(host, 0) + 1
@@ -154,46 +159,93 @@ class HostSlots:
                     del self._busy[host]
                 self._changed.notify_all()
 
+    def _wait_turn(self, host: str) -> None:
+        """Sleep until this request may start: after a pause, and 1/rate after the last."""
+        with self._changed:
+            now = time.monotonic()
+            start = max(now, self._next_start.get(host, now))
+            if self.rate:
+                self._next_start[host] = start + 1 / self.rate
+            elif start <= now:
+                self._next_start.pop(host, None)
+        if start > now:
+            time.sleep(start - now)
+
+    def pause(self, host: str, seconds: float) -> None:
+        """No request to `host` starts for `seconds` (a server's Retry-After)."""
+        with self._changed:
+            until = time.monotonic() + seconds
+            self._next_start[host] = max(until, self._next_start.get(host, until))
+
 
 class ClusterHostSlots:
-    """`per_host` for a whole run on a dask cluster: per host, a `distributed.Semaphore`
-    of `limit` leases named by run and host, held by whichever worker thread requests
-    from that host. Made in a task's thread (it binds the worker's scheduler connection
-    and event loop: the download threads have no worker context of their own)."""
+    """The same limits for a whole run on a dask cluster, shared by every worker. Per
+    host: `per_host` is a `distributed.Semaphore` of `limit` leases; `rate` is a second
+    one, whose leases are each held for leases/rate seconds from the request's start (at
+    most `rate` starts per second on average); a pause is the time until which the host
+    asked to wait, kept on the scheduler (`set_metadata`), read before each request.
+    All are named by run and host. Made in a task's thread: it binds the worker's
+    scheduler connection and event loop (the download threads have no worker context)."""
 
-    def __init__(self, limit: int, run: str, scheduler: Any, loop: Any):
-        self.limit, self.run = limit, run
+    def __init__(self, limit: int, rate: float | None, run: str, scheduler: Any, loop: Any):
+        self.limit, self.rate, self.run = limit, rate, run
         self._scheduler, self._loop = scheduler, loop
         self._semaphores: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def semaphore_name(self, host: str) -> str:
-        return f"pipeline-per-host-{self.run}-{host}"
+    def semaphore_name(self, host: str, what: str = "per-host") -> str:
+        return f"pipeline-{what}-{self.run}-{host}"
 
-    def _semaphore(self, host: str) -> Any:
+    def _semaphore(self, host: str, what: str, leases: int) -> Any:
         from distributed import Semaphore
 
+        name = self.semaphore_name(host, what)
         with self._lock:
-            if host not in self._semaphores:
-                self._semaphores[host] = Semaphore(
-                    max_leases=self.limit,
-                    name=self.semaphore_name(host),
-                    scheduler_rpc=self._scheduler,
-                    loop=self._loop,
+            if name not in self._semaphores:
+                self._semaphores[name] = Semaphore(
+                    max_leases=leases, name=name, scheduler_rpc=self._scheduler, loop=self._loop
                 )
-            return self._semaphores[host]
+            return self._semaphores[name]
 
     @contextlib.contextmanager
     def hold(self, host: str) -> Iterator[None]:
-        semaphore = self._semaphore(host)
+        self._wait_pause(host)
+        rated, held = None, 0.0
+        if self.rate:
+            leases = max(1, round(self.rate))
+            rated, held = self._semaphore(host, "per-host-rate", leases), leases / self.rate
+            rated.acquire()
+        semaphore = self._semaphore(host, "per-host", self.limit)
         semaphore.acquire()
+        if rated is not None:  # counted from the request's start, not from the wait
+            timer = threading.Timer(held, rated.release)
+            timer.daemon = True
+            timer.start()
         try:
             yield
         finally:
             semaphore.release()
 
+    def _pause_key(self, host: str) -> list[str]:
+        return ["pipeline", self.run, "pause", host]
 
-_cluster_slots: dict[tuple[str, int], ClusterHostSlots] = {}
+    def _wait_pause(self, host: str) -> None:
+        from distributed.utils import sync
+
+        until = sync(
+            self._loop, self._scheduler.get_metadata, keys=self._pause_key(host), default=None
+        )
+        if until and until > time.time():
+            time.sleep(until - time.time())
+
+    def pause(self, host: str, seconds: float) -> None:
+        from distributed.utils import sync
+
+        until = time.time() + seconds
+        sync(self._loop, self._scheduler.set_metadata, keys=self._pause_key(host), value=until)
+
+
+_cluster_slots: dict[tuple[str, int, float | None], ClusterHostSlots] = {}
 _cluster_slots_lock = threading.Lock()
 
 
@@ -210,10 +262,13 @@ def host_slots(options: DownloadOptions) -> HostSlots | ClusterHostSlots:
         return fetcher_for(options).slots
     run = key.rsplit("-", 1)[-1] if key.startswith("partition-") else key
     with _cluster_slots_lock:
-        found = _cluster_slots.get((run, options.per_host))
+        limits = (run, options.per_host, options.per_host_rate)
+        found = _cluster_slots.get(limits)
         if found is None:
-            found = ClusterHostSlots(options.per_host, run, worker.scheduler, worker.loop)
-            _cluster_slots[run, options.per_host] = found
+            found = ClusterHostSlots(
+                options.per_host, options.per_host_rate, run, worker.scheduler, worker.loop
+            )
+            _cluster_slots[limits] = found
         return found
 
 
@@ -232,7 +287,7 @@ class HttpFetcher:
         self.options = options
         self.pool = guarded_pool_manager(options)
         self.retry = RetryPolicy(options.backoff, options.backoff_max, options.retry_after_max)
-        self.slots = HostSlots(options.per_host)
+        self.slots = HostSlots(options.per_host, options.per_host_rate)
         self.headers = {"User-Agent": options.user_agent}
         self.redirect_schemes = {"http", "https"} & set(options.allow_schemes)
         self.robots: RobotsCache | None = None
@@ -280,7 +335,8 @@ class HttpFetcher:
 
     def _attempt(self, url: str, max_bytes: int | None = None, image: bool = True) -> bytes:
         slots = getattr(_thread_slots, "slots", self.slots)
-        with slots.hold(urlsplit(url).netloc.lower()), Deadline(self.options.timeout) as dl:
+        host = urlsplit(url).netloc.lower()
+        with slots.hold(host), Deadline(self.options.timeout) as dl:
             try:
                 response = self._open(url, image)
                 return self._read(response, dl, max_bytes or self.options.max_bytes)
@@ -288,6 +344,11 @@ class HttpFetcher:
                 raise ItemError("blocked_address", str(exc)) from None
             except urllib3.exceptions.HTTPError as exc:
                 raise classify(exc, dl) from None
+            except RetryableError as failure:  # a 429 or 5xx: its Retry-After holds for all
+                asked = parse_retry_after(failure.retry_after) if failure.retry_after else None
+                if asked:
+                    slots.pause(host, min(asked, self.options.retry_after_max))
+                raise
 
     def _open(self, url: str, image: bool = True) -> urllib3.BaseHTTPResponse:
         """GET `url`, following at most `max_redirects` redirects, each hop checked

@@ -17,6 +17,11 @@ class DownloadOptions(Options):
         description="Requests in flight per host for the whole run, shared by every "
         "partition and dask worker (processes backend: per worker process)",
     )
+    per_host_rate: PositiveFloat | None = Field(
+        None,
+        description="Requests started per second per host, for the whole run like per_host; "
+        "default: no limit",
+    )
     timeout: PositiveFloat = Field(
         10.0, description="Total seconds per attempt (DNS lookups, redirects, headers and body)"
     )
