@@ -46,3 +46,18 @@ def test_the_manifest_stores_text_that_is_not_utf8(tmp_path):
         manifest.commit([record], {"k": Attempt({"write": "f"}, "a")}, "run")
         assert manifest.lookup("k").status == "failed"
     json.dumps(record)  # results.jsonl escapes lone surrogates itself
+
+
+def test_a_failure_on_one_branch_does_not_stop_the_others(tmp_path):
+    write_photos(tmp_path / "photos", 2)
+    report = run_job(
+        tmp_path,
+        decoded_files(tmp_path / "photos"),
+        "boom: {kind: python, input: decode, function: 'tests.stage_userfuncs:explode'}",
+        "write_a: {kind: write_images, input: boom, path: a}",
+        "write_b: {kind: write_images, input: decode, path: b}",
+    )
+    found = records(tmp_path / "out")
+    assert report["counts"]["failed"] == 2 and {r["stage"] for r in found} == {"boom"}
+    assert len(list((tmp_path / "out" / "b").iterdir())) == 2
+    assert all(list(r["sink_outputs"]) == ["write_b"] for r in found)

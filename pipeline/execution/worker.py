@@ -73,10 +73,11 @@ def _run(
     if partition.sinks is not None:
         wanted = dict(zip((r["key"] for r in records), partition.sinks, strict=True))
     router = _Router(bound, compiled_plan, wanted)
-    for root in compiled_plan.consumers[partition.source]:
+    usable = [rec for rec, item in zip(records, partition.items, strict=True) if not item.problem]
+    for root in compiled_plan.consumers[partition.source]:  # no stage runs on unusable entries
         inputs = (
             Item(record, None, {"from": partition.source})
-            for record in records
+            for record in usable
             if router.wants(root, record)
         )
         for item in bound[root].stream(inputs):
@@ -106,8 +107,6 @@ class _Router:
     wanted: dict[str, frozenset[str]]  # item key -> sinks to run; a key not here: all
 
     def wants(self, stage: str, record: Record) -> bool:
-        if record["status"] == "failed":  # an unusable entry: no stage runs on it
-            return False
         sinks = self.wanted.get(record["key"])
         return sinks is None or not sinks.isdisjoint(self.plan.sinks_below[stage])
 
