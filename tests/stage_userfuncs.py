@@ -32,3 +32,7 @@ def numpy_values(record: dict, image: Image.Image) -> dict:
     import numpy as np
 
     return {"mean": np.float32(1.5), "shape": np.array(image.size), 3: "three"}
+
+
+def rewrites_results(record: dict, image: Image.Image) -> dict:
+    return {"results": {"tagger": "cat"}, "width": 1}

@@ -61,3 +61,20 @@ def test_a_failure_on_one_branch_does_not_stop_the_others(tmp_path):
     assert report["counts"]["failed"] == 2 and {r["stage"] for r in found} == {"boom"}
     assert len(list((tmp_path / "out" / "b").iterdir())) == 2
     assert all(list(r["sink_outputs"]) == ["write_b"] for r in found)
+
+
+def test_a_record_function_cannot_overwrite_what_earlier_stages_set(tmp_path):
+    """A phash before it put `results` in the record (what dedupe's index reads)."""
+    write_photos(tmp_path / "photos", 2)
+    run_job(
+        tmp_path,
+        decoded_files(tmp_path / "photos"),
+        "hash: {kind: phash, input: decode}",
+        "fn: {kind: python, input: hash, takes: record, "
+        "function: 'tests.stage_userfuncs:rewrites_results'}",
+        "write: {kind: write_images, input: fn, path: images}",
+    )
+    found = records(tmp_path / "out")
+    assert {(r["status"], r["reason"]) for r in found} == {("failed", "transform_error")}
+    assert "may not set results, width" in found[0]["message"]
+    assert all(r["results"]["hash"] for r in found)

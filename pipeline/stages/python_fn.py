@@ -3,8 +3,9 @@
 `takes: image` calls `function(image, **kwargs)` and expects a Pillow image (or a
 numpy array) back; `takes: record` calls `function(record, image, **kwargs)` and
 merges the dict it returns into the item's record (the image passes on): its values
-as JSON has them (numpy scalars and other objects become text), and never one of the
-keys the pipeline keeps (`CORE_KEYS`: status, url, ...), or the item fails. The
+as JSON has them (numpy scalars and other objects become text), and only new keys:
+never one the pipeline keeps (`CORE_KEYS`: status, url, ...) or an earlier stage set
+(`results`, `width`, ...), or the item fails. The
 function is imported and pickled at validation, so a typo, a missing module or a
 lambda/closure that the processes and distributed backends could not ship fails
 before any work starts. Every worker imports it by name.
@@ -25,7 +26,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config.model import Options
 from pipeline.errors import ItemError
-from pipeline.records import CORE_KEYS, Item
+from pipeline.records import CORE_KEYS, Item, Record
 from pipeline.stages.base import Step
 from pipeline.stages.registry import register
 
@@ -66,12 +67,13 @@ class PythonOptions(Options):
         return path
 
 
-def record_updates(updates: Any, function: str) -> dict[str, Any]:
+def record_updates(updates: Any, function: str, record: Record) -> dict[str, Any]:
     """What a record function returned, as JSON values; ItemError if it is not a dict,
-    cannot be JSON, or would overwrite a key the pipeline keeps."""
+    cannot be JSON, or would set a key the pipeline keeps or an earlier stage set (the
+    `results` a reducer's index reads among them): a record function only adds keys."""
     if not isinstance(updates, dict):
         raise ItemError("transform_error", f"{function} must return a dict")
-    taken = sorted(map(str, CORE_KEYS.intersection(updates)))
+    taken = sorted(map(str, CORE_KEYS.union(record).intersection(updates)))
     if taken:
         raise ItemError("transform_error", f"{function} may not set {', '.join(taken)}")
     try:
@@ -94,7 +96,7 @@ class Python(Step[PythonOptions]):
     def process(self, item: Item) -> Item:
         if self.options.takes == "record":
             updates = self.call(dict(item.record), item.data)
-            item.record.update(record_updates(updates, self.options.function))
+            item.record.update(record_updates(updates, self.options.function, item.record))
             return item
         result = self.call(item.data)
         if not isinstance(result, Image.Image | np.ndarray):
