@@ -91,6 +91,8 @@ REASONS: dict[str, str] = {
     "blocked_scheme": "the URL scheme is not allowed",
     "invalid_url": "the URL (or path) cannot be parsed",
     "disallowed": "the server asked not to use the image (X-Robots-Tag, robots.txt)",
+    "robots_unavailable": "the host's robots.txt failed (5xx, 408, 429, timeout, no connection): "
+    "the host counts as disallowed for this run, and a re-run tries again",
     "hash_mismatch": "the downloaded bytes do not have the hash the list gives (verify_hash)",
     "not_regular_file": "a local input is a directory, FIFO, device or dangling link",
     "not_found": "the file or URL does not exist",
@@ -115,5 +117,6 @@ RETRYABLE_REASONS: frozenset[str] = frozenset(
         "rate_limited",
         "write_error",
         "worker_lost",
+        "robots_unavailable",
     }
 )

@@ -149,7 +149,9 @@ def verdict_of(fetched: Callable[[], bytes], robots_url: str, token: str) -> Rob
         if error.reason in PASSED_ON:
             return Robots(denial=ItemError(error.reason, f"{robots_url}: {error.message}"))
         why = f"{robots_url} failed ({error.reason}: {error.message[:150]})"
-        return Robots(denial=ItemError("disallowed", f"{why}: the host is disallowed"))
+        # a robots.txt too big to read stays so; one that failed may answer next run
+        reason = "disallowed" if error.reason == "too_large" else "robots_unavailable"
+        return Robots(denial=ItemError(reason, f"{why}: the host is disallowed"))
     return Robots.parse(body.decode("utf-8", "replace"), token)
 
 
