@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.execution.runner import RunRequest, run
 from pipeline.records import JobContext
-from pipeline.stages.http_json import HttpJson, HttpJsonOptions
+from pipeline.stages.http_json import HttpJson, HttpJsonOptions, origin
 from pipeline.testing import server as misbehave
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes
 from pipeline.testing.server import TestServer, send_bytes
@@ -198,25 +198,32 @@ def test_pages_named_by_each_answer_until_there_is_none(paging):
         assert server.hits["/feed"] == 3  # the last page names no next one
 
 
-def test_a_next_url_on_another_host_is_not_followed():
+def test_a_next_url_on_another_host_is_not_followed_and_is_a_failed_page(tmp_path):
     def handle(request) -> None:
-        body = {"items": [{"url": "http://h/a.jpg"}], "next": "http://elsewhere.test/feed?p=2"}
+        page = "2" if "p=2" in request.path else "1"
+        following = server.url("/feed?p=2") if page == "1" else "http://elsewhere.test/feed?p=3"
+        body = {"items": [{"url": server.url(f"/img/0-{int(page) - 1}.jpg")}], "next": following}
         send_bytes(request, json.dumps(body).encode(), "application/json")
 
     with TestServer() as server:
+        serve_images(server, 1)
         server.add("/feed", handle)
-        options = HttpJsonOptions(
-            url=server.url("/feed"),
-            headers={"Authorization": "Bearer tok-7f3a"},
-            items="items",
-            link="url",
-            pages=5,
-            next_url="next",
-        )
-        stage = HttpJson("feed", options, JobContext("t", "/x"))
-        with pytest.raises(RunIncompleteError, match=r"elsewhere\.test/feed, not on") as caught:
-            list(stage.iter_items())
-        assert "tok-7f3a" not in str(caught.value) and "p=2" not in str(caught.value)
+        report = feed_job(tmp_path, server, page_param=None, pages=5, next_url="next")
+    found = summary(tmp_path)
+    assert [row[:4] for row in found] == [
+        (1, "ok", None, None),
+        (2, "ok", None, None),
+        (3, "failed", "feed", "blocked_address"),
+    ]
+    assert found[2][4] == server.url("/feed")  # the page that named it, without its query
+    assert "elsewhere.test/feed, not on" in records(tmp_path / "out")[2]["message"]
+    assert report["exit_code"] == 1
+    assert_no_secret(tmp_path)
+
+
+def test_origins_compare_as_browsers_do():
+    assert origin("HTTP://Host:80/a") == origin("http://host/b")
+    assert origin("https://h:443/") == origin("https://h/") != origin("http://h/")
 
 
 def test_a_redirect_to_another_host_carries_none_of_the_configured_headers():

@@ -9,8 +9,8 @@ element values (id, title) into the record. Pagination, for at most `pages` page
 stopping at the first page with no elements: page numbers (`{page}` in the URL or a
 `page_param`, from `start_page`), or what each answer names for the next page: a
 cursor (`next_cursor`, sent back as `cursor_param`) or a URL (`next_url`, followed
-only on the same scheme, host and port, since it gets the same headers; another
-origin stops the run).
+only on the same scheme, host and port, compared as browsers do, since it gets the
+same headers; a next page elsewhere is a failed page, `blocked_address`).
 
 Every element `where` keeps is one entry, and gets one record: an element that is
 not a JSON object (`invalid_input`), has no link or an empty one (`empty`), a link
@@ -132,6 +132,17 @@ def checked_link(link: Any, path: str) -> str:
     return text
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) as a browser compares them: case-blind, default ports filled
+    in; ValueError for a port that is not a number."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or DEFAULT_PORTS.get(scheme)
+
+
 def _where(url: str) -> str:
     """The URL without credentials or query string: safe to print."""
     try:
@@ -250,18 +261,19 @@ class HttpJson(Source[HttpJsonOptions]):
         return all(at(element, field) in values for field, values in where.items())
 
     def same_origin(self, current: str, following: str) -> str:
-        """The next page's URL, resolved against the current one: ItemError if it cannot
-        be parsed, RunIncompleteError if it leaves the current scheme, host and port (it
-        would get the same headers)."""
+        """The next page's URL, resolved against the current one; ItemError if it cannot
+        be parsed, or leaves the current scheme, host and port (`blocked_address`: it
+        would get the same headers, which may hold secrets)."""
         try:
             resolved = urljoin(current, following)
-            origin = urlsplit(resolved)[:2]
+            same = origin(resolved) == origin(current)
         except ValueError as exc:
             raise ItemError("invalid_url", f"the next page's URL cannot be parsed: {exc}") from None
-        if origin != urlsplit(current)[:2]:
-            raise RunIncompleteError(
-                f"{self.name}: the next page is on {_where(resolved)}, not on "
-                f"{_where(current)}: not followed (the request headers may hold secrets)"
+        if not same:
+            raise ItemError(
+                "blocked_address",
+                f"the next page is on {_where(resolved)}, not on {_where(current)}: "
+                "not followed (the request headers may hold secrets)",
             )
         return resolved
 
