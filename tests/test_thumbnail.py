@@ -78,3 +78,27 @@ def test_a_filter_between_decode_and_thumbnail_keeps_the_draft(write_config, tmp
     assert decoded.data.size == (400, 300)
     assert (decoded.record["width"], decoded.record["height"]) == (1600, 1200)
     assert stages["keep"].run_one(decoded) is decoded
+
+
+def test_the_record_has_the_size_as_oriented_and_not_drafted(write_config, tmp_path):
+    """A phone photo stored 1600x800 with EXIF orientation 6 is 800x1600 to its viewers,
+    and to a filter's or the summary's width and height, drafted or not."""
+    (tmp_path / "urls.txt").write_text("x.jpg\n")
+    config = write_config(f"""
+        name: t
+        output: {tmp_path / "out"}
+        stages:
+          urls: {{kind: url_list, path: {tmp_path / "urls.txt"}}}
+          download: {{kind: download, input: urls, allow_schemes: [file]}}
+          decode: {{kind: decode, input: download}}
+          thumb: {{kind: thumbnail, input: decode, size: [256, 256]}}
+    """)
+    stored = photo(1600, 800, seed=5)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes())
+    stages = build_plan(*load_config(config)).compile()
+    decoded = stages["decode"].process(Item({}, buffer.getvalue()))
+    assert (decoded.record["width"], decoded.record["height"]) == (800, 1600)
+    assert decoded.data.height > decoded.data.width

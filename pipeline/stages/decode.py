@@ -89,16 +89,21 @@ class Decode(Step[DecodeOptions]):
         return {**super().fingerprint_data(), **draft}
 
     def process(self, item: Item) -> Item:
+        """The image, oriented; the record gets its full size as oriented (not the drafted
+        one), its format and its mode as stored."""
         image = open_image(item.data, self.options)
-        item.record.update(
-            width=image.width, height=image.height, format=image.format, mode=image.mode
-        )
+        (width, height), fmt, mode = image.size, image.format, image.mode
         if self.draft_size and image.format == "JPEG":
             # Fitted, where consumers allow: the DCT scale may then shrink both sides further.
             box = fit_inside(image.size, self.draft_size) if self.draft_fitted else self.draft_size
             image.draft("RGB", box)
         load(image)
-        return item.derive(normalize(orient(image)))
+        stored = image.size
+        oriented = orient(image)
+        if oriented.size != stored:  # EXIF turned it a quarter: its sides swap
+            width, height = height, width
+        item.record.update(width=width, height=height, format=fmt, mode=mode)
+        return item.derive(normalize(oriented))
 
 
 def open_image(data: bytes, options: DecodeOptions) -> Image.Image:
