@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.execution.runner import RunRequest, run
 from pipeline.records import item_key
 from pipeline.state.manifest import Manifest
 from pipeline.testing.images import jpeg_bytes, photo
@@ -175,6 +176,18 @@ def test_drop_drops_a_new_item_that_duplicates_an_earlier_runs_item(tmp_path, se
     groups = {group["keep"]: group for group in groups_file(tmp_path)["members"]}
     assert groups[key(server, "orig-0")]["new"][0]["matches"]["key"] == key(server, "orig-0")
     assert report["reductions"]["near"]["new_matching_earlier"] == 2
+
+
+def test_full_drops_by_the_hashes_it_computes_not_by_the_index(tmp_path, server):
+    """--full redoes every item: the first pass must not trust an item's old hash."""
+    report = run_job(tmp_path, listed(tmp_path, server, ["orig-0", "single-0"]), DROPPING)
+    assert report["counts"]["ok"] == 2
+    server.add_bytes("/single-0.jpg", images()["orig-0"])  # now a copy of orig-0
+    report = run(RunRequest(config=tmp_path / "job.yaml", full=True))
+    done = {
+        r["url"].rsplit("/", 1)[1]: (r["status"], r["reason"]) for r in records(tmp_path / "out")
+    }
+    assert done == {"orig-0.jpg": ("ok", None), "single-0.jpg": ("skipped", "duplicate")}
 
 
 def test_a_manifest_from_before_the_index_opens_and_gains_it(tmp_path, server):

@@ -66,9 +66,12 @@ def first_pass_plan(plan: Plan, names: list[str]) -> Plan:
 class Reductions:
     """The reducers of a plan and the summaries of the partitions seen so far."""
 
-    def __init__(self, plan: Plan, manifest: Manifest | None = None):
+    def __init__(self, plan: Plan, manifest: Manifest | None = None, trust_index: bool = True):
+        """`trust_index`: whether the first pass may take an item's value from the index
+        instead of computing it (not when the run redoes every item: `--full`)."""
         self.plan = plan
         self.manifest = manifest
+        self.trust_index = trust_index
         # what combine tasks receive: the same stages (so the same compiled copy on each
         # worker), without the first pass's conclusions, which combining does not need
         self.combine_plan = Plan(plan.job, plan.config, plan.nodes)
@@ -100,8 +103,11 @@ class Reductions:
         if not early:
             return self.plan
         plan = first_pass_plan(self.plan, early)
-        for name in early:
-            self.summaries[name] += self.index_summaries(name)  # what earlier runs kept
+        parts = plan_partitions(plan)
+        if self.trust_index:
+            for name in early:
+                self.summaries[name] += self.index_summaries(name)  # what earlier runs kept
+            parts = self.unindexed(parts, early, plan.config.partition_size)
 
         def summarize(records: list[Record]) -> None:
             for name in early:
@@ -111,7 +117,6 @@ class Reductions:
             for name in early:
                 self.first_pass_summaries[name] = self.tree_reduce(_executor(executor), plan, name)
 
-        parts = self.unindexed(plan_partitions(plan), early, plan.config.partition_size)
         first = next(parts, None)
         if first is None:
             reduce(None)  # every item's value is kept: no backend, no download

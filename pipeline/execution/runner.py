@@ -283,7 +283,8 @@ class RunContext:
     def process(self) -> dict[str, Any]:
         """Skip what is done, run the rest; record every item, commit finished partitions.
         Returns the results of the plan's reducing stages (see `execution.reduction`)."""
-        reductions = Reductions(self.plan, self.manifest)  # indexed reducers keep values there
+        # indexed reducers keep values in the manifest; --full computes every one again
+        reductions = Reductions(self.plan, self.manifest, trust_index=not self.policy.full)
         plan = reductions.first_pass(self.backend)  # when a reducer acts before any write
         with ResultsWriter(plan.config.output) as results:
 
