@@ -199,3 +199,25 @@ def test_example_config_runs_and_verifies_a_list(tmp_path):
     (bad,) = [record for record in results(out) if record["status"] == "failed"]
     assert bad["reason"] == "hash_mismatch" and bad["fields"]["id"] == "1"
     assert bad["message"].startswith("md5 expected ffffffffffffffff... (md5), got ")
+
+
+def test_a_verify_hash_column_the_source_does_not_carry_is_a_plan_warning(tmp_path):
+    from pipeline.execution.runner import backend_for, load_plan, plan_warnings
+
+    (tmp_path / "list.csv").write_text("url,id,md5\nhttp://h/a.jpg,1,00\n")
+    config = {
+        "name": "t",
+        "output": str(tmp_path / "out"),
+        "stages": {
+            "urls": {"kind": "url_list", "path": str(tmp_path / "list.csv"), "fields": ["id"]},
+            "get": {"kind": "download", "input": "urls", "verify_hash": "md5"},
+            "write": {"kind": "write_images", "input": "get", "path": "images"},
+        },
+    }
+    plan = load_plan(config)
+    assert any(
+        "'md5', which urls does not carry" in w for w in plan_warnings(plan, backend_for(plan), 1)
+    )
+    config["stages"]["urls"]["fields"] = ["id", "md5"]
+    plan = load_plan(config)
+    assert not any("does not carry" in w for w in plan_warnings(plan, backend_for(plan), 1))

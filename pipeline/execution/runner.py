@@ -141,6 +141,7 @@ def plan_warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
                 f"stage {node.name} feeds no sink: it will not run "
                 "(add a sink below it, or remove it)"
             )
+    found += unchecked_hash_columns(plan)
     if total == 0:
         found.append("the sources hold no items: the run will do nothing")
     elif total is not None:
@@ -150,6 +151,24 @@ def plan_warnings(plan: Plan, backend: Backend, total: int | None) -> list[str]:
                 f"{partitions} partition(s) for {backend.workers} workers: some stay idle; "
                 "lower partition_size"
             )
+    return found
+
+
+def unchecked_hash_columns(plan: Plan) -> list[str]:
+    """A `verify_hash` column that a source above it does not carry into `fields`:
+    its items would be checked against nothing."""
+    found = []
+    for node in plan.nodes:
+        column = getattr(node.options, "verify_hash", None)
+        if column is None:
+            continue
+        for source in plan.upstream([node.name]).nodes:
+            carried = getattr(source.options, "fields", None)
+            if source.role == "source" and carried is not None and column not in carried:
+                found.append(
+                    f"stage {node.name} verifies hashes from the column '{column}', which "
+                    f"{source.name} does not carry: add it to {source.name}'s fields"
+                )
     return found
 
 
