@@ -21,7 +21,7 @@ from pipeline.stages.filter import FilterOptions, evaluate, parse_where
 from pipeline.testing.images import jpeg_bytes, photo, png_bytes
 from pipeline.testing.server import TestServer
 from tests.conftest import REPO
-from tests.stage_jobs import records, run_job
+from tests.stage_jobs import records, run_job, write_photos
 
 # name -> (size, format, license); "d" has no license column at all
 CORPUS = {
@@ -382,3 +382,27 @@ def test_the_example_config_runs_offline_and_fits_the_schema(tmp_path):
 
 def yaml_where(config: Path) -> str:
     return load_document(config).data["stages"]["keep"]["where"]
+
+
+def test_a_verdict_on_list_fields_is_revised_when_the_list_changes(tmp_path):
+    """The rule is the same, but the list now says something else about the item."""
+    photos = write_photos(tmp_path / "photos", 2)
+    listing = tmp_path / "list.csv"
+
+    def run_with(labels: list[str]) -> dict[str, str]:
+        rows = "".join(f"{path},{label}\n" for path, label in zip(photos, labels, strict=True))
+        listing.write_text("url,label\n" + rows)
+        run_job(
+            tmp_path,
+            f"urls: {{kind: url_list, path: '{listing}'}}",
+            "get: {kind: download, input: urls, allow_schemes: [file]}",
+            "decode: {kind: decode, input: get}",
+            "keep: {kind: filter, input: decode, where: \"fields.label == 'landscape'\"}",
+            "write: {kind: write_images, input: keep, path: kept}",
+        )
+        return {
+            r["fields"]["label"] + str(r["index"]): r["reason"] for r in records(tmp_path / "out")
+        }
+
+    assert run_with(["portrait", "landscape"]) == {"portrait2": "filtered", "landscape3": None}
+    assert run_with(["landscape", "landscape"]) == {"landscape2": None, "landscape3": "unchanged"}

@@ -8,7 +8,9 @@ retryable (or all, with `retry_failed`), and retries any failure whose config
 changed. An item a filter stage skipped (reason `filtered`) stays skipped while the
 attempt is the same: the filter is upstream of the sinks, so a changed rule changes
 their fingerprints and the item is evaluated again (`retry_failed` does not: it is not
-a failure). `full` ignores the manifest. A key met twice in one run is skipped
+a failure). Such a verdict, and a failure that is not retried, also holds only while the
+list's fields for the item are the same (a `where` on them, a digest to verify against).
+`full` ignores the manifest. A key met twice in one run is skipped
 the second time (reason `duplicate`).
 
 Items are looked up one source partition at a time and the pending ones are
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import RETRYABLE_REASONS
 from pipeline.records import Partition, Record, SourceItem
@@ -47,10 +50,16 @@ class Skip:
     outputs: list[str]
 
 
-def plan_item(entry: Entry | None, fingerprints: dict[str, str], policy: Policy) -> Attempt | Skip:
-    """What to do with one item, given its manifest entry and its sinks' fingerprints."""
+def plan_item(
+    entry: Entry | None,
+    fingerprints: dict[str, str],
+    policy: Policy,
+    fields: Mapping[str, Any] | None = None,
+) -> Attempt | Skip:
+    """What to do with one item, given its manifest entry, its sinks' fingerprints and
+    the list's `fields` for it (a filter's `where` or a `verify_hash` reads them)."""
     if policy.full or entry is None:
-        return _attempt(fingerprints)
+        return _attempt(fingerprints, fields)
     missing = {
         sink: fingerprint
         for sink, fingerprint in fingerprints.items()
@@ -59,7 +68,7 @@ def plan_item(entry: Entry | None, fingerprints: dict[str, str], policy: Policy)
     if not missing:
         outputs = [path for sink in fingerprints for path in entry.sinks[sink][1]]
         return Skip("unchanged", f"done in run {entry.run_id}", outputs)
-    attempt = _attempt(missing)
+    attempt = _attempt(missing, fields)
     if (
         entry.status == "skipped"
         and entry.reason == "filtered"
@@ -78,8 +87,13 @@ def plan_item(entry: Entry | None, fingerprints: dict[str, str], policy: Policy)
     return attempt
 
 
-def _attempt(fingerprints: dict[str, str]) -> Attempt:
-    return Attempt(dict(fingerprints), digest(sorted(fingerprints.items())))
+def _attempt(fingerprints: dict[str, str], fields: Mapping[str, Any] | None) -> Attempt:
+    """The attempt at these sinks, with these list fields: a verdict on the item (filtered,
+    or a failure that is not retried) holds while neither changes."""
+    basis: Any = sorted(fingerprints.items())
+    if fields:
+        basis = [basis, dict(fields)]
+    return Attempt(dict(fingerprints), digest(basis))
 
 
 def _done(done: tuple[str, list[str]] | None, fingerprint: str) -> bool:
@@ -154,7 +168,8 @@ class Incremental:
             if first_line is not None:
                 decision: Attempt | Skip = Skip("duplicate", f"same URL as line {first_line}", [])
             else:
-                decision = plan_item(self.manifest.lookup(item.key), fingerprints, self.policy)
+                entry = self.manifest.lookup(item.key)
+                decision = plan_item(entry, fingerprints, self.policy, item.fields)
             if isinstance(decision, Skip):
                 skipped.append(_skipped_record(item, part.source, decision))
             else:
