@@ -32,7 +32,6 @@ from tests.conftest import REPO, write_url_list
 from tests.test_backends import JOB, outputs, records
 
 LOCAL = "{host: 127.0.0.1, dashboard_address: '127.0.0.1:0'"
-IN_PROCESS = "{processes: false, dashboard_address: '127.0.0.1:0'"  # inproc:// comms
 ADAPT_FROM_ZERO = (
     "backend:\n"
     "  cluster:\n"
@@ -148,7 +147,7 @@ def test_an_adaptive_local_cluster_scales_up_from_no_worker(
 def test_a_cluster_is_closed_when_the_run_fails(urls, tmp_path):
     backend_block = (
         "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
-        f"    kwargs: {IN_PROCESS}, n_workers: 1}}\n"
+        f"    kwargs: {LOCAL}, n_workers: 1, threads_per_worker: 2}}\n"
     )
     config = tmp_path / "fails.yaml"
     config.write_text(job_with_backend(tmp_path / "out", urls, backend_block))
@@ -170,7 +169,7 @@ def test_no_worker_ever_stops_the_run_after_the_timeout_saying_so(
     monkeypatch.setattr(DistributedBackend, "poll_interval", 0.3)
     backend_block = (
         "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
-        f"    kwargs: {IN_PROCESS}, n_workers: 0}}\n"
+        f"    kwargs: {LOCAL}, n_workers: 0}}\n"
         "    scale: 0\n    wait_for_workers: {timeout: 1.5}\n"
     )
     config = tmp_path / "empty.yaml"
@@ -198,6 +197,7 @@ def test_the_window_follows_the_live_size_or_adapt_maximum():
     assert scaled.max_in_flight == 2 * 3  # none yet: still one worker's worth queued
 
     class Client:  # what `_refresh_size` reads: the scheduler's threads per worker
+        status = "running"
         nthreads_now = {"tcp://a": 2, "tcp://b": 2}
 
         def nthreads(self):
@@ -413,8 +413,9 @@ def test_sigterm_mid_run_closes_the_cluster_it_created(slow_server, tmp_path):
             assert time.monotonic() < deadline, "the run never started downloading"
             time.sleep(0.05)
         family = descendants(process.pid)
-        workers = [p for p in family if "forkserver" not in " ".join(p.cmdline())]
-        assert len(workers) >= 2, [p.cmdline() for p in family]  # the worker processes
+        servers = [p for p in family if p.ppid() == process.pid and is_forkserver(p)]
+        workers = [p for p in family if p.ppid() in {server.pid for server in servers}]
+        assert len(workers) >= 2, [p.cmdline() for p in family]  # forked by the forkserver
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -426,6 +427,13 @@ def test_sigterm_mid_run_closes_the_cluster_it_created(slow_server, tmp_path):
     assert alive == [], [p.cmdline() for p in alive]  # no worker process left behind
     results = tmp_path / "out" / "results.jsonl"
     assert not results.exists() or len(records(tmp_path / "out")) < SLOW_ITEMS  # stopped mid-run
+
+
+def is_forkserver(process: psutil.Process) -> bool:
+    try:
+        return "forkserver" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def slow_server_hits(server: TestServer) -> list[int]:
@@ -607,3 +615,20 @@ def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
     assert min(starts[-2:]) - began > 0.25  # every thread waited
     with slots.hold("other"):  # other hosts do not
         assert time.monotonic() - began < 0.5
+
+
+def test_workers_that_never_come_at_start_stop_the_run_and_close_the_cluster(urls, tmp_path):
+    """wait_for_workers at start (batch jobs that stay queued): one clear error, and the
+    cluster is closed although `with backend` was never entered."""
+    block = (
+        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
+        f"    kwargs: {LOCAL}, n_workers: 0}}\n"
+        "    scale: 0\n    wait_for_workers: {n: 1, timeout: 1}\n"
+    )
+    config = tmp_path / "never.yaml"
+    config.write_text(job_with_backend(tmp_path / "out", urls, block))
+    plan = load_plan(config)
+    backend = backend_for(plan)
+    with pytest.raises(RunIncompleteError, match=r"wait_for_workers: 1 in 1s; are its jobs"):
+        run(plan, backend=backend)
+    assert backend.cluster.status.name == "closed"

@@ -13,6 +13,7 @@ lists the valid ones.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -88,7 +89,11 @@ class Backend:
         return f"{self.name} ({self.workers} workers)"
 
     def __enter__(self) -> Executor:
-        return self._stack.enter_context(self.executor())
+        try:
+            return self._stack.enter_context(self.executor())
+        except BaseException:  # `with` will not call __exit__: close what was started
+            self._stack.close()
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
@@ -157,7 +162,11 @@ class ProcessesBackend(Backend):
 
     def __enter__(self) -> Executor:
         self._pool = self._stack.enter_context(ExitStack())
-        return self._pool.enter_context(self.executor())
+        try:
+            return self._pool.enter_context(self.executor())
+        except BaseException:
+            self._stack.close()
+            raise
 
     def restart(self) -> Executor:
         self._pool.close()
@@ -210,6 +219,23 @@ def start_worker_forkserver() -> None:
         if name not in UNSET_FOR_WORKERS:
             os.environ.setdefault(name, str(value))
     preloaded_forkserver(*required_packages)
+
+
+def local_cluster_settings() -> dict[str, Any]:
+    """dask settings for a LocalCluster's workers: LOCAL_CLUSTER_CONFIG, and forked from
+    the preloaded forkserver (started here) where there is fork."""
+    settings: dict[str, Any] = dict(LOCAL_CLUSTER_CONFIG)
+    if sys.platform != "win32":  # no fork there: workers spawn
+        start_worker_forkserver()
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
+    return settings
+
+
+def forget_run(client: Client, run: str) -> None:
+    """Drop what this run kept on the scheduler (the download stage's per-host pauses,
+    `pipeline/RUN/...` metadata) from a cluster that may outlive it."""
+    with contextlib.suppress(Exception):  # a scheduler already gone keeps nothing
+        client.set_metadata(["pipeline", run], {})
 
 
 class DistributedBackend(Backend):
@@ -277,11 +303,14 @@ class DistributedBackend(Backend):
     def _refresh_size(self, force: bool = False) -> None:
         """Workers and threads now, from the scheduler (one cheap RPC), at most every
         SIZE_INTERVAL seconds."""
-        if self.client is None or (not force and time.monotonic() - self._sized_at < SIZE_INTERVAL):
+        client = self.client
+        if client is None or client.status != "running":  # not yet, or no more: the last size
+            return
+        if not force and time.monotonic() - self._sized_at < SIZE_INTERVAL:
             return
         self._sized_at = time.monotonic()
         try:
-            nthreads = self.client.nthreads()
+            nthreads = client.nthreads()
         except OSError:  # the scheduler is away for a moment: keep the last size
             return
         self.workers, self.threads = len(nthreads), sum(nthreads.values())
@@ -344,12 +373,16 @@ class DistributedBackend(Backend):
     def _cluster_client(self, spec: ClusterConfig) -> Client:
         """`class(**kwargs)`, scaled or adapting, and a client of it: the cluster is closed
         on exit (its batch jobs cancelled, its pods deleted), SIGTERM included."""
+        import dask
         from distributed import Client
 
         self._stack.enter_context(sigterm_raises())
         log.info("creating %s", describe_cluster(spec))
+        # A LocalCluster's workers start as the default one's do (forked, no profiler).
+        local = spec.class_ in ("distributed.LocalCluster", "distributed.deploy.LocalCluster")
         try:
-            cluster = cluster_class(spec.class_)(**spec.kwargs)
+            with dask.config.set(local_cluster_settings() if local else {}):
+                cluster = cluster_class(spec.class_)(**spec.kwargs)
         except Exception as exc:
             raise RunIncompleteError(
                 f"could not create {spec.class_}: {type(exc).__name__}: {exc}"
@@ -379,11 +412,7 @@ class DistributedBackend(Backend):
         from distributed import Client, LocalCluster
 
         self._stack.enter_context(sigterm_raises())
-        settings = dict(LOCAL_CLUSTER_CONFIG)
-        if sys.platform != "win32":  # no fork there: workers spawn
-            start_worker_forkserver()
-            settings["distributed.worker.multiprocessing-method"] = "forkserver"
-        with dask.config.set(settings):  # nannies hand it to their workers
+        with dask.config.set(local_cluster_settings()):  # nannies hand it to their workers
             cluster = self._stack.enter_context(
                 LocalCluster(
                     n_workers=self.workers,
@@ -403,6 +432,7 @@ class DistributedBackend(Backend):
             client = self._stack.enter_context(
                 Client(self.address, timeout=CONNECT_TIMEOUT, **self.config.client_kwargs)
             )
+            self._stack.callback(forget_run, client, self._run)  # the cluster outlives the run
             client.wait_for_workers(1, timeout=WORKER_WAIT)
         except (OSError, TimeoutError) as exc:
             raise RunIncompleteError(

@@ -178,12 +178,16 @@ class HostSlots:
             self._next_start[host] = max(until, self._next_start.get(host, until))
 
 
+RATE_BURST = 0.1  # seconds of per_host_rate that may start at once on a cluster
+
+
 class ClusterHostSlots:
     """The same limits for a whole run on a dask cluster, shared by every worker. Per
     host: `per_host` is a `distributed.Semaphore` of `limit` leases; `rate` is a second
-    one, whose leases are each held for leases/rate seconds from the request's start (at
-    most `rate` starts per second on average); a pause is the time until which the host
-    asked to wait, kept on the scheduler (`set_metadata`), read before each request.
+    one, of rate x RATE_BURST leases (at least one), each held for leases/rate seconds
+    from its request's start (at most `rate` starts a second, in bursts of 0.1 s); a
+    pause is the time until which the host asked to wait, kept on the scheduler
+    (`set_metadata`), read before each request.
     All are named by run and host. Made in a task's thread: it binds the worker's
     scheduler connection and event loop (the download threads have no worker context)."""
 
@@ -192,6 +196,12 @@ class ClusterHostSlots:
         self._scheduler, self._loop = scheduler, loop
         self._semaphores: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def loop_closed(self) -> bool:
+        """Whether the worker these were bound to has gone (an in-process worker)."""
+        return getattr(self._loop, "asyncio_loop", None) is not None and (
+            self._loop.asyncio_loop.is_closed()
+        )
 
     def semaphore_name(self, host: str, what: str = "per-host") -> str:
         return f"pipeline-{what}-{self.run}-{host}"
@@ -212,7 +222,7 @@ class ClusterHostSlots:
         self._wait_pause(host)
         rated, held = None, 0.0
         if self.rate:
-            leases = max(1, round(self.rate))
+            leases = max(1, round(self.rate * RATE_BURST))
             rated, held = self._semaphore(host, "per-host-rate", leases), leases / self.rate
             rated.acquire()
         semaphore = self._semaphore(host, "per-host", self.limit)
@@ -245,6 +255,7 @@ class ClusterHostSlots:
         sync(self._loop, self._scheduler.set_metadata, keys=self._pause_key(host), value=until)
 
 
+CLUSTER_SLOTS_KEPT = 4  # runs whose slots a worker process keeps (a run uses one or two)
 _cluster_slots: dict[tuple[str, int, float | None], ClusterHostSlots] = {}
 _cluster_slots_lock = threading.Lock()
 
@@ -264,11 +275,13 @@ def host_slots(options: DownloadOptions) -> HostSlots | ClusterHostSlots:
     with _cluster_slots_lock:
         limits = (run, options.per_host, options.per_host_rate)
         found = _cluster_slots.get(limits)
-        if found is None:
+        if found is None or found.loop_closed():
             found = ClusterHostSlots(
                 options.per_host, options.per_host_rate, run, worker.scheduler, worker.loop
             )
             _cluster_slots[limits] = found
+            while len(_cluster_slots) > CLUSTER_SLOTS_KEPT:  # earlier runs' are done
+                _cluster_slots.pop(next(iter(_cluster_slots)))
         return found
 
 
