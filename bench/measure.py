@@ -132,7 +132,9 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
         + f"output: {scratch / 'out'}\n"
         "stages:\n"
         f"  urls: {{kind: url_list, path: {spec['urls']}}}\n"
-        "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1]}\n"
+        # the bench's own server: not the polite default (16 requests in flight per host for
+        # the whole run), the 16 per partition that earlier benches ran with
+        "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1], per_host: 64}\n"
         "  decode: {kind: decode, input: download}\n"
         "  thumb: {kind: thumbnail, input: decode, size: [256, 256]}\n"
         "  write: {kind: write_images, input: thumb, path: images, format: jpeg, quality: 85}\n"
