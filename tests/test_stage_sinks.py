@@ -201,7 +201,8 @@ def size_from_fields(record, image):
 @pytest.fixture
 def size_from_fields(tmp_path, monkeypatch):
     """A user function (a module of its own, importable by name) that copies the list's
-    `w` column into the record's `width`, which the parquet sink stores as int32."""
+    `w` column into the record's `width` (no decode set it), which the parquet sink stores
+    as int32."""
     folder = tmp_path / "modules"
     folder.mkdir()
     (folder / "shard_userfuncs.py").write_text(SIZE_FROM_FIELDS)
@@ -233,8 +234,7 @@ def test_a_shard_that_cannot_be_written_fails_all_its_items(
     stages = f"""
     urls: {{kind: url_list, path: {listing}}}
     get: {{kind: download, input: urls, allow_schemes: [file]}}
-    decode: {{kind: decode, input: get}}
-    size: {{kind: python, input: decode, function: "{size_from_fields}", takes: record}}
+    size: {{kind: python, input: get, function: "{size_from_fields}", takes: record}}
     table: {{kind: parquet, input: size, path: table, shard_size: 4}}
     """
     write_list(bad_line)
