@@ -278,6 +278,8 @@ class RunContext:
             stopped = RunIncompleteError(f"the run stopped: {type(exc).__name__}: {exc}")
             self._finish(context, stopped.exit_code, error=str(stopped))
             raise stopped from exc
+        # the backend is down: a temp file left now is a dead worker's (killed mid-write)
+        remove_stale_temp_files(self.plan.sink_folders())
         config = self.plan.config
         statuses = self.stats.statuses
         code, tolerated = items_exit_code(statuses, config.max_failed, config.max_failed_fraction)

@@ -19,14 +19,15 @@ log = logs.logger("state")
 
 
 def remove_stale_temp_files(folders: list[Path]) -> int:
-    """Delete temp files a killed run left behind; call only while holding the lock."""
+    """Delete temp files a killed run or a dead worker left behind; call only while holding
+    the lock, with no task running."""
     removed = 0
     for folder in folders:
         for path in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
             path.unlink(missing_ok=True)
             removed += 1
     if removed:
-        log.info("removed %d temp files left by an interrupted run", removed)
+        log.info("removed %d temp files left by an interrupted run or worker", removed)
     return removed
 
 
