@@ -460,13 +460,15 @@ class CountingImages:
             self.peak = max(self.peak, self.active)
         try:
             time.sleep(0.1)
-            index = int(request.path.rsplit("/", 1)[-1].split(".")[0])
-            from pipeline.testing.server import send_bytes
-
-            send_bytes(request, self.images[index], "image/jpeg")
         finally:
+            # counted until its answer starts: a client that read the answer may have let
+            # its next request in before this thread got here after sending
             with self._lock:
                 self.active -= 1
+        index = int(request.path.rsplit("/", 1)[-1].split(".")[0])
+        from pipeline.testing.server import send_bytes
+
+        send_bytes(request, self.images[index], "image/jpeg")
 
 
 POLITE_JOB = """

@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import ipaddress
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -264,6 +265,8 @@ def host_slots(options: DownloadOptions) -> HostSlots | ClusterHostSlots:
     """The `per_host` limit a partition's downloads count against, looked up in its
     task's thread: on a dask worker, the run's (`ClusterHostSlots`, the run read from
     the task key `partition-N-RUN`); elsewhere, this process's (the fetcher's)."""
+    if "distributed" not in sys.modules:  # not a dask worker, and no import to find out
+        return fetcher_for(options).slots
     try:
         from distributed import get_worker
 
