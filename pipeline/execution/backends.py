@@ -90,10 +90,14 @@ class Backend:
 
     def __enter__(self) -> Executor:
         try:
-            return self._stack.enter_context(self.executor())
+            return self._executor_stack().enter_context(self.executor())
         except BaseException:  # `with` will not call __exit__: close what was started
             self._stack.close()
             raise
+
+    def _executor_stack(self) -> ExitStack:
+        """Where the executor's lifetime is kept: the backend's own stack."""
+        return self._stack
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
@@ -160,13 +164,10 @@ class ProcessesBackend(Backend):
     can_restart = True
     _pool: ExitStack  # the current pool's lifetime, inside the backend's
 
-    def __enter__(self) -> Executor:
+    def _executor_stack(self) -> ExitStack:
+        """A stack of the pool's own inside the backend's, so `restart` closes the pool only."""
         self._pool = self._stack.enter_context(ExitStack())
-        try:
-            return self._pool.enter_context(self.executor())
-        except BaseException:
-            self._stack.close()
-            raise
+        return self._pool
 
     def restart(self) -> Executor:
         self._pool.close()
