@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -537,7 +538,13 @@ class StartTimes:
         send_bytes(request, self.images[index], "image/jpeg")
 
 
-def polite_run(tmp_path: Path, handler, download: str, items: int = POLITE_ITEMS) -> dict:
+PROCESSES_BACKEND = "{kind: processes, workers: 4}"  # 4 processes x 8 downloads each
+PROCESSES = [f"backend={PROCESSES_BACKEND}"]
+
+
+def polite_run(
+    tmp_path: Path, handler, download: str, items: int = POLITE_ITEMS, overrides=()
+) -> dict:
     with TestServer() as server:
         for index in range(items):
             server.add(f"/p/{index}.jpg", handler)
@@ -546,13 +553,18 @@ def polite_run(tmp_path: Path, handler, download: str, items: int = POLITE_ITEMS
         config = tmp_path / "polite.yaml"
         text = POLITE_JOB.format(local=LOCAL, out=tmp_path / "out", urls=urls)
         config.write_text(text.replace("per_host: 4", download))
-        return run(load_plan(config))
+        return run(load_plan(config, list(overrides)))
+
+
+across = pytest.mark.parametrize("overrides", [(), PROCESSES], ids=["cluster", "processes"])
 
 
 @pytest.mark.slow
-def test_a_429_with_retry_after_pauses_the_host_for_every_worker(tmp_path):
+@across
+def test_a_429_with_retry_after_pauses_the_host_for_every_worker(tmp_path, overrides):
     handler = StartTimes(retry_after=1)
-    report = polite_run(tmp_path, handler, "per_host: 8, retries: 2, backoff: 0.05")
+    download = "per_host: 8, retries: 2, backoff: 0.05"
+    report = polite_run(tmp_path, handler, download, overrides=overrides)
     assert report["counts"] == {"ok": POLITE_ITEMS, "failed": 0, "skipped": 0}
     assert handler.limited_at is not None
     after = sorted(t - handler.limited_at for t in handler.starts if t > handler.limited_at)
@@ -564,10 +576,11 @@ def test_a_429_with_retry_after_pauses_the_host_for_every_worker(tmp_path):
 
 
 @pytest.mark.slow
-def test_per_host_rate_holds_for_the_whole_run_across_workers(tmp_path):
+@across
+def test_per_host_rate_holds_for_the_whole_run_across_workers(tmp_path, overrides):
     handler = StartTimes(latency=0.01)
     items = 20
-    report = polite_run(tmp_path, handler, "per_host: 16, per_host_rate: 5", items)
+    report = polite_run(tmp_path, handler, "per_host: 16, per_host_rate: 5", items, overrides)
     assert report["counts"] == {"ok": items, "failed": 0, "skipped": 0}
     starts = sorted(handler.starts)
     busiest = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
@@ -577,24 +590,45 @@ def test_per_host_rate_holds_for_the_whole_run_across_workers(tmp_path):
     assert starts[-1] - starts[0] >= (items - 5) / 5 - 0.5
 
 
-def test_per_host_holds_for_the_whole_run_on_the_threads_backend_too(tmp_path):
+@pytest.mark.parametrize("backend", ["{kind: threads, workers: 8}", PROCESSES_BACKEND])
+def test_per_host_holds_for_the_whole_run_on_the_local_backends_too(tmp_path, backend):
+    """8 threads, or 4 worker processes, each running a partition of 8 downloads: 4 for
+    the host in all (the processes ask the keeper in their parent)."""
     counter = CountingImages()
-    with TestServer() as server:
-        for index in range(POLITE_ITEMS):
-            server.add(f"/p/{index}.jpg", counter)
-        urls = tmp_path / "urls.txt"
-        urls.write_text("".join(server.url(f"/p/{i}.jpg") + "\n" for i in range(POLITE_ITEMS)))
-        config = tmp_path / "polite.yaml"
-        config.write_text(POLITE_JOB.format(local=LOCAL, out=tmp_path / "out", urls=urls))
-        report = run(load_plan(config, ["backend={kind: threads, workers: 8}"]))
+    report = polite_run(tmp_path, counter, "per_host: 4", overrides=[f"backend={backend}"])
+    print("peak concurrent requests the server counted:", counter.peak, "of", counter.total)
     assert report["counts"]["ok"] == POLITE_ITEMS
-    assert counter.peak == 4  # 8 partitions at once, 8 downloads each: 4 for the host
+    assert counter.peak == 4
+
+
+def test_a_worker_process_that_dies_gives_its_host_slots_back():
+    """A pool process killed mid-request leaks no slot: its connection closing releases."""
+    from pipeline.stages.shared.host_slots import HostSlotServer, SharedHostSlots
+
+    with HostSlotServer() as keeper:
+        dying = socket.socket(socket.AF_UNIX)
+        dying.connect(keeper.address)
+        dying.sendall(b'["acquire", 1, null, "h"]\n')
+        assert dying.makefile("rb").readline() == b"ok\n"
+        slots = SharedHostSlots(keeper.address, (1, None))
+
+        def request() -> None:
+            with slots.hold("h"):
+                pass
+
+        waiting = threading.Thread(target=request)
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive()  # the one slot is held
+        dying.close()
+        waiting.join(5)
+        assert not waiting.is_alive()  # given back when its holder went
 
 
 def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.stages.download.http import HostSlots
+    from pipeline.stages.shared.host_slots import HostSlots
 
     slots = HostSlots(limit=4, rate=20.0)
     starts: list[float] = []

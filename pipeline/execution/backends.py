@@ -34,6 +34,7 @@ from pipeline.logs import logger
 from pipeline.plan import Plan
 from pipeline.records import Partition
 from pipeline.stages.registry import stage_modules
+from pipeline.stages.shared.host_slots import HostSlotServer, join_host_slot_server
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -158,14 +159,20 @@ class ProcessesBackend(Backend):
 
     A worker that dies breaks the pool: `restart` shuts it down (the pool has already
     terminated its other workers; this joins them and its threads) and starts another,
-    closed on exit like the first."""
+    closed on exit like the first.
+
+    `per_host` and the other per-host limits hold for the whole run: this process keeps
+    them (a `HostSlotServer`, for as long as the backend) and every pool process, the
+    first pool's and its replacements', asks it."""
 
     name = "processes"
     can_restart = True
     _pool: ExitStack  # the current pool's lifetime, inside the backend's
+    _host_slots: HostSlotServer
 
     def _executor_stack(self) -> ExitStack:
         """A stack of the pool's own inside the backend's, so `restart` closes the pool only."""
+        self._host_slots = self._stack.enter_context(HostSlotServer())
         self._pool = self._stack.enter_context(ExitStack())
         return self._pool
 
@@ -174,7 +181,12 @@ class ProcessesBackend(Backend):
         return self._pool.enter_context(self.executor())
 
     def executor(self) -> Executor:
-        return ProcessPoolExecutor(self.workers, mp_context=process_context())
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=process_context(),
+            initializer=join_host_slot_server,
+            initargs=(self._host_slots.address,),
+        )
 
 
 def process_context() -> multiprocessing.context.BaseContext:

@@ -19,16 +19,11 @@ from pipeline.records import Item, Record
 from pipeline.stages.base import Step
 from pipeline.stages.download.fsspec_io import read_fsspec
 from pipeline.stages.download.hashes import digests, verify
-from pipeline.stages.download.http import (
-    ClusterHostSlots,
-    HostSlots,
-    fetcher_for,
-    host_slots,
-    use_host_slots,
-)
+from pipeline.stages.download.http import fetcher_for
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.registry import register
+from pipeline.stages.shared.host_slots import Slots, host_slots, use_host_slots
 from pipeline.stages.shared.urls import url_scheme
 
 
@@ -92,7 +87,8 @@ class Download(Step[DownloadOptions]):
         """Keep `concurrency` downloads in flight; yield results in input order."""
         concurrency = self.options.concurrency
         pool = _download_threads(concurrency)
-        slots = host_slots(self.options)  # per_host for the run: found in the task's thread
+        # per_host for the run: its keeper is found in the partition's task thread
+        slots = host_slots((self.options.per_host, self.options.per_host_rate))
         window: deque[Future[Item | None]] = deque()
         for item in items:
             window.append(pool.submit(self._run_counted, slots, item))
@@ -105,7 +101,7 @@ class Download(Step[DownloadOptions]):
             if result is not None:
                 yield result
 
-    def _run_counted(self, slots: HostSlots | ClusterHostSlots, item: Item) -> Item | None:
+    def _run_counted(self, slots: Slots, item: Item) -> Item | None:
         """`run_one` in a download thread, its requests counted against `slots`."""
         use_host_slots(slots)
         return self.run_one(item)
@@ -121,7 +117,7 @@ def _download_threads(concurrency: int) -> ThreadPoolExecutor:
     partition under load (bench). One pool per task thread, not per process, keeps
     exactly `concurrency` requests per partition and no more threads than that.
     `per_host` is not the pool's: each download counts against the run's limit
-    (`http.host_slots`), whichever thread, partition or worker makes the request.
+    (`host_slots`), whichever thread, partition or worker makes the request.
     """
     pools: dict[int, ThreadPoolExecutor] = _task_thread.__dict__.setdefault("pools", {})
     if concurrency not in pools:

@@ -7,14 +7,12 @@ redirects are followed by hand, so each hop goes through the same check.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import ipaddress
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -42,6 +40,7 @@ from pipeline.stages.download.policy import (
     parse_retry_after,
 )
 from pipeline.stages.download.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsNeeded
+from pipeline.stages.shared.host_slots import thread_slots
 
 CHUNK = 64 * 1024
 TRANSIENT_STATUSES = {408, 429}  # retried, like every 5xx
@@ -128,174 +127,6 @@ def guarded_pool_manager(options: DownloadOptions) -> urllib3.PoolManager:
     return manager
 
 
-class HostSlots:
-    """At most `limit` requests in flight per host, at most `rate` started per second
-    per host (if given), and none while a host asked to wait (`pause`, from a 429's
-    Retry-After); idle hosts take no memory.
-
-    A fetcher has one for the whole process, shared by every partition running in it:
-    on the sync and threads backends, these limits hold for the whole run. On a dask
-    worker, the partition's download threads use `ClusterHostSlots` instead
-    (`host_slots`, `use_host_slots`), shared by every worker of the run.
-    """
-
-    def __init__(self, limit: int, rate: float | None = None):
-        self.limit, self.rate = limit, rate
-        self._busy: dict[str, int] = {}
-        self._next_start: dict[str, float] = {}  # monotonic: a host's next free start
-        self._changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, host: str) -> Iterator[None]:
-        self._wait_turn(host)
-        with self._changed:
-            self._changed.wait_for(lambda: self._busy.get(host, 0) < self.limit)
-            self._busy[host] = self._busy.get(host, 0) + 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._busy[host] -= 1
-                if not self._busy[host]:
-                    del self._busy[host]
-                self._changed.notify_all()
-
-    def _wait_turn(self, host: str) -> None:
-        """Sleep until this request may start: after a pause, and 1/rate after the last."""
-        with self._changed:
-            now = time.monotonic()
-            start = max(now, self._next_start.get(host, now))
-            if self.rate:
-                self._next_start[host] = start + 1 / self.rate
-            elif start <= now:
-                self._next_start.pop(host, None)
-        if start > now:
-            time.sleep(start - now)
-
-    def pause(self, host: str, seconds: float) -> None:
-        """No request to `host` starts for `seconds` (a server's Retry-After)."""
-        with self._changed:
-            until = time.monotonic() + seconds
-            self._next_start[host] = max(until, self._next_start.get(host, until))
-
-
-RATE_BURST = 0.1  # seconds of per_host_rate that may start at once on a cluster
-
-
-class ClusterHostSlots:
-    """The same limits for a whole run on a dask cluster, shared by every worker. Per
-    host: `per_host` is a `distributed.Semaphore` of `limit` leases; `rate` is a second
-    one, of rate x RATE_BURST leases (at least one), each held for leases/rate seconds
-    from its request's start (at most `rate` starts a second, in bursts of 0.1 s); a
-    pause is the time until which the host asked to wait, kept on the scheduler
-    (`set_metadata`), read before each request.
-    All are named by run and host. Made in a task's thread: it binds the worker's
-    scheduler connection and event loop (the download threads have no worker context)."""
-
-    def __init__(self, limit: int, rate: float | None, run: str, scheduler: Any, loop: Any):
-        self.limit, self.rate, self.run = limit, rate, run
-        self._scheduler, self._loop = scheduler, loop
-        self._semaphores: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def loop_closed(self) -> bool:
-        """Whether the worker these were bound to has gone (an in-process worker)."""
-        return getattr(self._loop, "asyncio_loop", None) is not None and (
-            self._loop.asyncio_loop.is_closed()
-        )
-
-    def semaphore_name(self, host: str, what: str = "per-host") -> str:
-        return f"pipeline-{what}-{self.run}-{host}"
-
-    def _semaphore(self, host: str, what: str, leases: int) -> Any:
-        from distributed import Semaphore
-
-        name = self.semaphore_name(host, what)
-        with self._lock:
-            if name not in self._semaphores:
-                self._semaphores[name] = Semaphore(
-                    max_leases=leases, name=name, scheduler_rpc=self._scheduler, loop=self._loop
-                )
-            return self._semaphores[name]
-
-    @contextlib.contextmanager
-    def hold(self, host: str) -> Iterator[None]:
-        self._wait_pause(host)
-        rated, held = None, 0.0
-        if self.rate:
-            leases = max(1, round(self.rate * RATE_BURST))
-            rated, held = self._semaphore(host, "per-host-rate", leases), leases / self.rate
-            rated.acquire()
-        semaphore = self._semaphore(host, "per-host", self.limit)
-        semaphore.acquire()
-        if rated is not None:  # counted from the request's start, not from the wait
-            timer = threading.Timer(held, rated.release)
-            timer.daemon = True
-            timer.start()
-        try:
-            yield
-        finally:
-            semaphore.release()
-
-    def _pause_key(self, host: str) -> list[str]:
-        return ["pipeline", self.run, "pause", host]
-
-    def _wait_pause(self, host: str) -> None:
-        from distributed.utils import sync
-
-        until = sync(
-            self._loop, self._scheduler.get_metadata, keys=self._pause_key(host), default=None
-        )
-        if until and until > time.time():
-            time.sleep(until - time.time())
-
-    def pause(self, host: str, seconds: float) -> None:
-        from distributed.utils import sync
-
-        until = time.time() + seconds
-        sync(self._loop, self._scheduler.set_metadata, keys=self._pause_key(host), value=until)
-
-
-CLUSTER_SLOTS_KEPT = 4  # runs whose slots a worker process keeps (a run uses one or two)
-_cluster_slots: dict[tuple[str, int, float | None], ClusterHostSlots] = {}
-_cluster_slots_lock = threading.Lock()
-
-
-def host_slots(options: DownloadOptions) -> HostSlots | ClusterHostSlots:
-    """The `per_host` limit a partition's downloads count against, looked up in its
-    task's thread: on a dask worker, the run's (`ClusterHostSlots`, the run read from
-    the task key `partition-N-RUN`); elsewhere, this process's (the fetcher's)."""
-    if "distributed" not in sys.modules:  # not a dask worker, and no import to find out
-        return fetcher_for(options).slots
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-        key = str(worker.get_current_task())
-    except (ImportError, ValueError, KeyError):  # not in a dask task
-        return fetcher_for(options).slots
-    run = key.rsplit("-", 1)[-1] if key.startswith("partition-") else key
-    with _cluster_slots_lock:
-        limits = (run, options.per_host, options.per_host_rate)
-        found = _cluster_slots.get(limits)
-        if found is None or found.loop_closed():
-            found = ClusterHostSlots(
-                options.per_host, options.per_host_rate, run, worker.scheduler, worker.loop
-            )
-            _cluster_slots[limits] = found
-            while len(_cluster_slots) > CLUSTER_SLOTS_KEPT:  # earlier runs' are done
-                _cluster_slots.pop(next(iter(_cluster_slots)))
-        return found
-
-
-_thread_slots = threading.local()
-
-
-def use_host_slots(slots: HostSlots | ClusterHostSlots) -> None:
-    """Make this thread's fetches count against `slots` instead of the fetcher's own."""
-    _thread_slots.slots = slots
-
-
 class HttpFetcher:
     """Fetches http(s) URLs for one set of options; shared by a process's threads."""
 
@@ -303,7 +134,6 @@ class HttpFetcher:
         self.options = options
         self.pool = guarded_pool_manager(options)
         self.retry = RetryPolicy(options.backoff, options.backoff_max, options.retry_after_max)
-        self.slots = HostSlots(options.per_host, options.per_host_rate)
         self.headers = {"User-Agent": options.user_agent}
         self.redirect_schemes = {"http", "https"} & set(options.allow_schemes)
         self.robots: RobotsCache | None = None
@@ -350,7 +180,7 @@ class HttpFetcher:
         return self._retrying(lambda: self._attempt(robots_url, ROBOTS_MAX_BYTES, False), None)
 
     def _attempt(self, url: str, max_bytes: int | None = None, image: bool = True) -> bytes:
-        slots = getattr(_thread_slots, "slots", self.slots)
+        slots = thread_slots((self.options.per_host, self.options.per_host_rate))
         host = urlsplit(url).netloc.lower()
         with slots.hold(host), Deadline(self.options.timeout) as dl:
             try:

@@ -15,7 +15,7 @@ class DownloadOptions(Options):
     per_host: PositiveInt = Field(
         16,
         description="Requests in flight per host for the whole run, shared by every "
-        "partition and dask worker (processes backend: per worker process)",
+        "partition, worker process and dask worker",
     )
     per_host_rate: PositiveFloat | None = Field(
         None,
