@@ -33,6 +33,16 @@ class Entry(TypedDict):
     url: str
 
 
+class ShardSample(TypedDict):
+    """Where one sample is: its shard (a piece, until the shard is assembled), its
+    position there (tar: the n-th sample, members `KEY.*`; parquet: the row; npy: the
+    index along axis 0), and about its bytes."""
+
+    path: str
+    position: int
+    bytes: int
+
+
 class Outcome(TypedDict, total=False):
     """What a record says about this run's work on the entry: never stored with outputs."""
 
@@ -43,6 +53,7 @@ class Outcome(TypedDict, total=False):
     message: str | None
     outputs: list[str]
     sink_outputs: dict[str, list[str]]  # the outputs by sink that wrote them
+    shards: dict[str, ShardSample]  # where a sharded sink put the item's sample
     timings: dict[str, float]  # seconds per stage
     attempts: int  # downloads tried
 

@@ -305,6 +305,13 @@ def write_output(path: str, data: bytes) -> None:
         raise output_error(exc, path) from None
 
 
+def remove_output(path: str) -> None:
+    """Delete a file, local or at an fsspec URL; one already gone is fine."""
+    fs, local = split_fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(local)
+
+
 def output_error(exc: OSError, path: str) -> Exception:
     """The error to raise for a failed write: fatal for the run, or for this item only."""
     message = f"cannot write {path}: {exc.strerror or exc}"

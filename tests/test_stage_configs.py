@@ -17,7 +17,8 @@ from tests.stage_jobs import records
         # 24 listed + 10 globbed that are listed too (a key met twice is skipped)
         ("sources", (24, 10), {"thumbnails": 48}),  # image + sidecar each
         ("transforms", (24, 0), {"gray": 24, "padded": 24, "dedupe-near.json": 1}),
-        ("sinks", (24, 0), {"webdataset": 6, "parquet": 3, "arrays": 6, "images": 48}),
+        # shards (+ keys) and their summaries
+        ("sinks", (24, 0), {"webdataset": 12, "parquet": 6, "arrays": 3, "images": 48}),
     ],
 )
 def test_example_config_runs(tmp_path, name, counts, outputs):
@@ -30,7 +31,7 @@ def test_example_config_runs(tmp_path, name, counts, outputs):
         assert len(found) == count, entry
     if name == "sinks":
         shard = np.load(sorted((out / "arrays").glob("*.npy"))[0])
-        assert shard.shape == (8, 3, 64, 64) and shard.dtype == np.float32
+        assert shard.shape == (24, 3, 64, 64) and shard.dtype == np.float32  # one shard
     if name == "sources":
         listed = [record for record in records(out) if "fields" in record]
         assert (

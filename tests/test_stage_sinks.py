@@ -59,7 +59,7 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
     by_key = {record["key"]: record for record in records(tmp_path / "run")}
 
     shards = sorted(str(path) for path in (out / "wds").glob("*.tar"))
-    # partitions of 4 and 3 items, 3 samples a shard: [3, 1] + [3], named by their keys
+    # 3 samples a shard across the partitions (of 4 and 3 items): [3, 3, 1], named by keys
     assert len(shards) == 3
     assert all(re.fullmatch(r"shard-[0-9a-f]{16}\.tar", Path(s).name) for s in shards)
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
@@ -78,7 +78,10 @@ def test_every_sink_reads_back_with_its_own_library(tmp_path, photos):
         ]
 
     table = pq.read_table(out / "table")
-    assert table.num_rows == 7 and len(list((out / "table").iterdir())) == 4
+    assert table.num_rows == 7 and len(list((out / "table").glob("*.parquet"))) == 4
+    summaries = sorted((out / "table").glob("_shard-*.summary.json"))  # skipped by readers
+    assert sum(json.loads(path.read_text())["samples"] for path in summaries) == 7
+    assert not (out / "table" / ".pieces").exists()  # every piece went into a shard
     for row in table.to_pylist():
         assert (
             Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"]) == (24, 16)
@@ -107,10 +110,11 @@ def test_sinks_write_to_memory_filesystem(tmp_path, photos):
     report = run_sinks(tmp_path, photos, "memory://sinks-test")
     assert report["counts"]["ok"] == 7
     names = sorted(path.split("/")[2] for path in fs.find("/sinks-test"))
-    assert names.count("wds") == 3 and names.count("table") == 4 and names.count("images") == 14
-    tables = fs.find("/sinks-test/table")
+    # shards and their summaries; no piece is left
+    assert names.count("wds") == 6 and names.count("table") == 8 and names.count("images") == 14
+    tables = fs.glob("/sinks-test/table/*.parquet")
     rows = sorted(pq.read_table(fs.open(path, "rb")).num_rows for path in tables)
-    assert rows == [1, 2, 2, 2]  # partitions of 4 and 3 items, 2 rows a shard
+    assert rows == [1, 2, 2, 2]  # 2 rows a shard across the partitions of 4 and 3 items
     record = records(tmp_path / "run")[0]
     webp = next(out for out in record["outputs"] if out.endswith(".webp"))
     assert webp.startswith("memory://sinks-test/images/")
@@ -147,7 +151,8 @@ def test_sinks_write_identical_bytes_on_every_backend(tmp_path, photos):
         contents[backend] = {
             str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
         }
-    assert len(contents["sync"]) == 3 + 4 + 2 * 2 + 14  # tars, parquets, npy + keys, webp + json
+    # tars, parquets and npy (+ keys) with their summaries; webp + json
+    assert len(contents["sync"]) == 3 * 2 + 4 * 2 + 3 + 14
     for backend in BACKENDS:
         assert sorted(contents[backend]) == sorted(contents["sync"]), backend
         assert contents[backend] == contents["sync"], backend
@@ -211,8 +216,8 @@ def size_from_fields(tmp_path, monkeypatch):
     sys.modules.pop("shard_userfuncs", None)
 
 
-# 7 items in one partition, 4 rows a shard: one shard is written when the 4th item arrives,
-# the last one (3 items) when the partition ends (`finish`)
+# 7 items in one partition, 4 rows a shard: one piece is written when the 4th item arrives,
+# the last one (3 items) when the partition ends (`finish`); each becomes a shard
 @pytest.mark.parametrize(("bad_line", "bad_shard"), [(2, {1, 2, 3, 4}), (6, {5, 6, 7})])
 def test_a_shard_that_cannot_be_written_fails_all_its_items(
     tmp_path, photos, size_from_fields, bad_line, bad_shard
@@ -254,8 +259,8 @@ def test_a_shard_that_cannot_be_written_fails_all_its_items(
             assert "ArrowInvalid" in record["message"] and "'96px'" in record["message"]
         else:
             assert record["status"] == "ok" and len(record["outputs"]) == 1
-    written = sorted((tmp_path / "out" / "table").iterdir())
-    assert [path.suffix for path in written] == [".parquet"]  # no partial or temp file
+    written = sorted((tmp_path / "out" / "table").glob("[!_]*"))
+    assert [path.suffix for path in written] == [".parquet"]  # no partial, temp file or piece
     ok_keys = {r["key"] for r in done if r["status"] == "ok"}
     assert set(pq.read_table(written[0]).column("key").to_pylist()) == ok_keys
 

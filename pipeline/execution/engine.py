@@ -16,14 +16,21 @@ goes on, with its window of partitions in flight again. Elsewhere a broken
 executor's partitions are recorded `worker_lost` and the run stops at the next
 submit; distributed re-runs a dead worker's tasks itself (KilledWorker if it
 keeps dying).
+
+Side tasks are what the client adds while partitions run (a shard to assemble from the
+pieces of several partitions: `pipeline.execution.assembly`): `SideTasks.tasks()` is
+asked for new ones after every partition, `finish()` once the last partition is in, and
+each one's future goes to its `done` on the client. A side task that a dead worker took
+down runs again on the fresh pool (up to SIDE_TRIES times).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import chain
+from typing import Any, Protocol
 
 from pipeline.errors import ItemError, PipelineError
 from pipeline.execution.backends import Backend
@@ -39,6 +46,29 @@ log = logger("engine")
 KILLED_ITS_WORKER = ItemError(
     "worker_lost", "its worker process died while it ran alone (a crash, or out of memory)"
 )
+
+
+SIDE_TRIES = 3
+
+
+@dataclass
+class SideTask:
+    """`fn(*args)` on the backend; `done` receives its finished future, on the client."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    done: Callable[[Future[Any]], None]
+    tries: int = 0
+
+
+class SideTasks(Protocol):
+    def tasks(self) -> list[SideTask]:
+        """The side tasks to submit now (each is returned once)."""
+        ...
+
+    def finish(self) -> None:
+        """Every partition is in: queue the side tasks that were waiting for more."""
+        ...
 
 
 def plan_partitions(plan: Plan) -> Iterator[Partition]:
@@ -57,12 +87,14 @@ def execute(
     parts: Iterable[Partition],
     on_records: OnRecords,
     after: Callable[[Executor], None] | None = None,
+    side: SideTasks | None = None,
 ) -> None:
-    """Run `parts` on `backend`, calling `on_records` as each partition finishes, then
-    `after(executor)` while the backend is still up (batch-level reductions)."""
+    """Run `parts` on `backend`, calling `on_records` as each partition finishes, and the
+    `side` tasks it asks for; then `after(executor)` while the backend is still up
+    (batch-level reductions)."""
     with backend as executor:
         backend.prepare(plan)
-        stream = _Stream(plan, backend, executor, on_records)
+        stream = _Stream(plan, backend, executor, on_records, side)
         try:
             stream.run(parts)
         except BaseException:
@@ -75,12 +107,22 @@ def execute(
 class _Stream:
     """The partitions in flight on a backend's executor, which a dead worker may break."""
 
-    def __init__(self, plan: Plan, backend: Backend, executor: Executor, on_records: OnRecords):
+    def __init__(
+        self,
+        plan: Plan,
+        backend: Backend,
+        executor: Executor,
+        on_records: OnRecords,
+        side_tasks: SideTasks | None = None,
+    ):
         self.plan = plan
         self.backend = backend
         self.executor = executor
         self.on_records = on_records
+        self.side_tasks = side_tasks
         self.in_flight: dict[Future[list[Record]], Partition] = {}
+        self.side: dict[Future[Any], SideTask] = {}
+        self.side_again: list[SideTask] = []  # taken down by a dead worker: to resubmit
 
     def run(self, parts: Iterable[Partition]) -> None:
         for partition in parts:
@@ -89,9 +131,14 @@ class _Stream:
             self._submit(partition)
         while self.in_flight:
             self._collect()
+        if self.side_tasks is not None:
+            self.side_tasks.finish()
+            self._submit_side()
+        while self.side:
+            self._collect()
 
     def cancel(self) -> None:
-        for future in self.in_flight:
+        for future in [*self.in_flight, *self.side]:
             future.cancel()
 
     def _submit(self, partition: Partition) -> None:
@@ -113,13 +160,45 @@ class _Stream:
         still has workers (`Backend.waiting`: it logs, and gives up after a while)."""
         while True:
             poll = self.backend.poll_interval
-            done, _ = wait(self.in_flight, timeout=poll, return_when=FIRST_COMPLETED)
+            waited = [*self.in_flight, *self.side]
+            done, _ = wait(waited, timeout=poll, return_when=FIRST_COMPLETED)
             if done:
                 break
-            self.backend.waiting(len(self.in_flight))
-        suspects = self._settle(done)
+            self.backend.waiting(len(waited))
+        suspects = self._settle([future for future in done if future in self.in_flight])
         if suspects:
             self._recover(suspects)
+        for future in done:
+            if future in self.side:
+                self._side_done(future)
+        self._submit_side()
+
+    def _side_done(self, future: Future[Any]) -> None:
+        task = self.side.pop(future)
+        broken = not future.cancelled() and isinstance(future.exception(), BrokenExecutor)
+        if broken and self.backend.can_restart and task.tries < SIDE_TRIES:
+            self.side_again.append(task)
+        else:
+            task.done(future)
+
+    def _submit_side(self) -> None:
+        """Submit the side tasks to run again and the new ones. On a broken pool with no
+        partition in flight (whose recovery would replace it), replace it first."""
+        if self.side_tasks is None:
+            return
+        tasks, self.side_again = [*self.side_again, *self.side_tasks.tasks()], []
+        for task in tasks:
+            task.tries += 1
+            try:
+                self.side[self.executor.submit(task.fn, *task.args)] = task
+            except BrokenExecutor:
+                if not self.backend.can_restart:
+                    raise
+                if self.in_flight:
+                    self.side_again.append(task)
+                    continue
+                self._restart()
+                self.side[self.executor.submit(task.fn, *task.args)] = task
 
     def _settle(self, done: Iterable[Future[list[Record]]]) -> list[Partition]:
         """Hand over the records of the `done` partitions; return those a broken pool failed.

@@ -28,8 +28,9 @@ from pipeline.config import (
 )
 from pipeline.config.model import validate_model
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
+from pipeline.execution.assembly import ShardAssembler, remove_garbage
 from pipeline.execution.backends import Backend, DistributedBackend, backend_class
-from pipeline.execution.engine import OnRecords, execute, plan_partitions
+from pipeline.execution.engine import OnRecords, SideTasks, execute, plan_partitions
 from pipeline.execution.reduction import After, Reductions
 from pipeline.logs import fields, logger
 from pipeline.plan import Plan, build_plan, stage_problems
@@ -269,6 +270,7 @@ class RunContext:
         """Start, process, finish: the report, also when the run stops half-way."""
         context = self._started()
         remove_stale_temp_files(self.plan.sink_folders())
+        remove_garbage(self.plan, self.manifest)
         try:
             reduced = self.process()
         except PipelineError as error:
@@ -278,8 +280,10 @@ class RunContext:
             stopped = RunIncompleteError(f"the run stopped: {type(exc).__name__}: {exc}")
             self._finish(context, stopped.exit_code, error=str(stopped))
             raise stopped from exc
-        # the backend is down: a temp file left now is a dead worker's (killed mid-write)
+        # the backend is down: a temp file left now is a dead worker's (killed mid-write),
+        # a shard not committed one that failed
         remove_stale_temp_files(self.plan.sink_folders())
+        remove_garbage(self.plan, self.manifest)
         config = self.plan.config
         statuses = self.stats.statuses
         code, tolerated = items_exit_code(statuses, config.max_failed, config.max_failed_fraction)
@@ -325,22 +329,34 @@ class RunContext:
                 on_skipped=add,
             )
 
-            def on_records(records: list[Record]) -> None:
+            def commit(records: list[Record]) -> None:
                 add(records)
                 incremental.commit(records, self.run_id)
 
+            # a sharded sink's records wait for their shards (`execution.assembly`)
+            shards = ShardAssembler(plan, self.manifest, self.run_id, release=commit)
             pending = incremental.pending(plan_partitions(plan))
-            self._execute_pending(plan, pending, on_records, reductions.run)
+            if shards:
+                pending = shards.track(pending)
+            on_records = shards.add if shards else commit
+            side = shards if shards else None
+            self._execute_pending(plan, pending, on_records, reductions.run, side)
         return reductions.results
 
     def _execute_pending(
-        self, plan: Plan, pending: Iterator[Partition], on_records: OnRecords, after: After
+        self,
+        plan: Plan,
+        pending: Iterator[Partition],
+        on_records: OnRecords,
+        after: After,
+        side: SideTasks | None = None,
     ) -> None:
         """Start the backend only if there is work: an unchanged batch never starts one
         (reductions then run in this process)."""
         first = next(pending, None)
         if first is not None:
-            execute(plan, self.backend, chain([first], pending), on_records, after=after)
+            parts = chain([first], pending)
+            execute(plan, self.backend, parts, on_records, after=after, side=side)
         else:
             after(None)
 

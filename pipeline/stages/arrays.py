@@ -84,3 +84,6 @@ class Arrays(ShardedSink[ArraysOptions]):
         if len(keys) != len(stacked):
             raise ValueError(f"{path}: {len(stacked)} arrays but {len(keys)} keys")
         return list(zip(keys, stacked, strict=True))
+
+    def companions(self, path: str) -> list[str]:
+        return [keys_path(path)]

@@ -57,6 +57,8 @@ def schema() -> pa.Schema:
 class Parquet(ShardedSink[ParquetOptions]):
     """Write one parquet row per item, `shard_size` rows per file."""
 
+    tuning_options = frozenset({*ShardedSink.tuning_options, "row_group_size"})
+
     Options = ParquetOptions
     description = "Parquet shards: one row per item with metadata, caption (and image bytes)"
     extension = "parquet"

@@ -14,6 +14,15 @@ own compaction, dedup and index to do the same.
                                              (dedupe: its hash), under the reducer's
                                              lineage fingerprint; `ord` orders items by
                                              when they were first kept (earlier runs first)
+    shards(path, sink, state, samples, bytes, run_id)
+                                             every shard a sharded sink assembled: `writing`
+                                             from before its file is written until its
+                                             samples' `sinks` rows commit with it (`done`);
+                                             `obsolete` once compaction moved its samples
+
+A shard's `sinks` rows commit with it, before the rest of its items' records (which wait
+for every shard they are in): an item whose shard is done is never written to another
+one, whatever happens next. A `writing` or `obsolete` shard's file is garbage (`cleanup`).
 
 `attempt` is the fingerprint of the sinks the last attempt ran, so a failure
 is retried when the config it failed under changed. A per-connection TEMP
@@ -66,6 +75,14 @@ CREATE TABLE IF NOT EXISTS hashes (
     ord INTEGER NOT NULL,
     PRIMARY KEY (reducer, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shards (
+    path TEXT PRIMARY KEY,
+    sink TEXT NOT NULL,
+    state TEXT NOT NULL,
+    samples INTEGER,
+    bytes INTEGER,
+    run_id TEXT NOT NULL
+);
 """
 IndexRow = tuple[str, str, int]  # key, value, order
 
@@ -87,6 +104,16 @@ class Entry:
     attempt: str
     run_id: str
     sinks: dict[str, tuple[str, list[str]]]  # sink -> (fingerprint, outputs)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard a sink assembled, and the samples it holds: (key, fingerprint) each."""
+
+    sink: str
+    path: str
+    samples: list[tuple[str, str]]
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -151,18 +178,52 @@ class Manifest:
         return earlier
 
     def lookup(self, key: str) -> Entry | None:
-        row = self.db.execute(
-            "SELECT status, reason, attempt, run_id FROM items WHERE key = ?", (key,)
-        ).fetchone()
-        if row is None:
-            return None
+        """What the manifest knows of `key`: its last record and the sinks it is done for
+        (status `incomplete`: done in a shard, its record not committed yet)."""
         sinks = {
             sink: (fingerprint, json.loads(outputs))
             for sink, fingerprint, outputs in self.db.execute(
                 "SELECT sink, fingerprint, outputs FROM sinks WHERE key = ?", (key,)
             )
         }
+        row = self.db.execute(
+            "SELECT status, reason, attempt, run_id FROM items WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return Entry("incomplete", None, "", "an earlier run", sinks) if sinks else None
         return Entry(*row, sinks=sinks)
+
+    def begin_shard(self, sink: str, path: str, run_id: str) -> None:
+        """Note a shard about to be written: garbage (`cleanup`) unless `commit_shard`."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO shards VALUES (?, ?, 'writing', NULL, NULL, ?)",
+                (path, sink, run_id),
+            )
+
+    def commit_shard(self, shard: Shard) -> None:
+        """A written shard and its samples, done for its sink, atomically."""
+        with self._transaction():
+            self.db.execute(
+                "UPDATE shards SET state = 'done', samples = ?, bytes = ? WHERE path = ?",
+                (len(shard.samples), shard.bytes, shard.path),
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO sinks VALUES (?, ?, ?, ?)",
+                [
+                    (key, shard.sink, fingerprint, json.dumps([shard.path]))
+                    for key, fingerprint in shard.samples
+                ],
+            )
+
+    def garbage_shards(self) -> list[str]:
+        """Shards whose files must go: never committed (`writing`), or compacted away."""
+        rows = self.db.execute("SELECT path FROM shards WHERE state IN ('writing', 'obsolete')")
+        return [path for (path,) in rows]
+
+    def forget_shards(self, paths: Iterable[str]) -> None:
+        with self._transaction():
+            self.db.executemany("DELETE FROM shards WHERE path = ?", [(p,) for p in paths])
 
     def commit(self, records: list[Record], attempts: dict[str, Attempt], run_id: str) -> None:
         """Record one finished partition atomically (its outputs are already written)."""
