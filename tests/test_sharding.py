@@ -250,3 +250,71 @@ def test_kill_9_at_any_point_then_every_sample_is_in_exactly_one_shard(
     assert set(states) == {"done"}
     on_disk = {str(path) for path in [*out.glob("wds/*.tar"), *out.glob("table/*.parquet")]}
     assert on_disk == committed  # no orphan shard, none missing
+
+
+# --- shard_bytes, and a shard that cannot be assembled -----------------------------------
+
+SMALL_JOB = """
+name: small-shards
+output: {out}
+partition_size: 4
+stages:
+  urls:   {{kind: url_list, path: {listing}, column: url}}
+  get:    {{kind: download, input: urls, allow_schemes: [file]}}
+  decode: {{kind: decode, input: get}}
+  tar:    {{kind: webdataset, input: decode, path: wds, shard_size: 10{extra}}}
+"""
+
+
+@pytest.fixture
+def small_job(tmp_path, listing):
+    def write(extra: str = "", items: int = 30) -> Path:
+        rows = listing.read_text().splitlines()[: items + 1]
+        small = tmp_path / "small.csv"
+        small.write_text("\n".join(rows) + "\n")
+        config = tmp_path / "small.yaml"
+        config.write_text(SMALL_JOB.format(out=tmp_path / "out", listing=small, extra=extra))
+        return config
+
+    return write
+
+
+def test_shard_bytes_ends_a_shard_before_it_grows_past_the_limit(small_job, tmp_path):
+    report = run(RunRequest(config=small_job(", shard_bytes: 8000"), backend="threads"))
+    assert report["counts"]["ok"] == 30
+    summaries = [
+        json.loads(path.read_text()) for path in (tmp_path / "out" / "wds").glob("_*.summary.json")
+    ]
+    sample_bytes = {r["shards"]["tar"]["bytes"] for r in records(tmp_path / "out")}
+    assert sum(summary["samples"] for summary in summaries) == 30
+    assert all(summary["samples"] < 10 for summary in summaries)  # bytes ended each first
+    # a shard's samples add up to at most shard_bytes (the tar's end blocks aside)
+    assert all(summary["samples"] * min(sample_bytes) <= 8000 for summary in summaries)
+
+
+def test_a_shard_that_cannot_be_assembled_fails_its_samples_then_a_rerun_writes_them(
+    small_job, tmp_path, monkeypatch
+):
+    from pipeline.stages.shared.shards import ShardedSink
+
+    read_rows = ShardedSink._rows
+
+    def refuse_the_second(self, parts):  # reading its pieces fails: an I/O error
+        # pieces of 4 items, shards of 10: only the second starts mid-piece (item 10)
+        if parts[0][1][0] == 2:
+            raise OSError(5, "Input/output error")
+        return read_rows(self, parts)
+
+    config = small_job()
+    monkeypatch.setattr(ShardedSink, "_rows", refuse_the_second)
+    report = run(RunRequest(config=config, backend="threads"))
+    assert report["counts"] == {"ok": 20, "failed": 10, "skipped": 0}
+    failed = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
+    assert {(r["stage"], r["reason"]) for r in failed} == {("tar", "write_error")}
+    assert all("tar" not in r.get("shards", {}) and not r["outputs"] for r in failed)
+    assert not list((tmp_path / "out" / "wds").rglob(".pieces/*"))
+
+    monkeypatch.setattr(ShardedSink, "_rows", read_rows)
+    report = run(RunRequest(config=config, backend="threads"))
+    assert report["counts"] == {"ok": 10, "failed": 0, "skipped": 20}
+    assert len(tar_samples(tmp_path / "out")) == 30

@@ -160,9 +160,11 @@ class ShardAssembler:
     def _take(self, name: str, record: Record) -> None:
         where = record["shards"][name]
         sample = _Sample(record, where["path"], where["position"], where["bytes"])
-        cut, options = self.cuts[name], self.sinks[name].options
+        options = self.sinks[name].options
+        cut = self.cuts[name]
         if cut.samples and options.shard_bytes and cut.bytes + sample.bytes > options.shard_bytes:
             self._cut(name)
+            cut = self.cuts[name]
         cut.samples.append(sample)
         cut.bytes += sample.bytes
         if len(cut.samples) >= options.shard_size:
