@@ -13,6 +13,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.execution.runner import RunRequest, run
 from pipeline.testing.images import jpeg_bytes, photo
@@ -318,3 +320,60 @@ def test_a_shard_that_cannot_be_assembled_fails_its_samples_then_a_rerun_writes_
     report = run(RunRequest(config=config, backend="threads"))
     assert report["counts"] == {"ok": 10, "failed": 0, "skipped": 20}
     assert len(tar_samples(tmp_path / "out")) == 30
+
+
+# --- any partition size, shard size, byte limit, failures and completion order -----------
+
+
+@given(
+    items=st.integers(1, 40),
+    partition_size=st.integers(1, 12),
+    shard_size=st.integers(1, 25),
+    shard_bytes=st.none() | st.integers(1, 20_000),
+    missing=st.sets(st.integers(0, 39), max_size=8),
+    backend=st.sampled_from(["sync", "threads"]),
+)
+def test_every_ok_sample_is_in_exactly_one_shard_in_order(
+    tmp_path_factory, listing, items, partition_size, shard_size, shard_bytes, missing, backend
+):
+    """Whatever the sizes, the failed items (missing files) and the order partitions finish
+    in: each ok item's sample is in one shard, at the position its record names; shards
+    follow the input order and are full but for the last (or cut by shard_bytes)."""
+    base = tmp_path_factory.mktemp("fuzz")
+    rows = listing.read_text().splitlines()
+    urls = base / "list.csv"
+    chosen = [rows[0]] + [
+        row.replace(".jpg", "-gone.jpg") if n in missing else row
+        for n, row in enumerate(rows[1 : items + 1])
+    ]
+    urls.write_text("\n".join(chosen) + "\n")
+    limit = f", shard_bytes: {shard_bytes}" if shard_bytes else ""
+    config = base / "job.yaml"
+    config.write_text(
+        SMALL_JOB.format(out=base / "out", listing=urls, extra=limit)
+        .replace("partition_size: 4", f"partition_size: {partition_size}")
+        .replace("shard_size: 10", f"shard_size: {shard_size}")
+    )
+    report = run(RunRequest(config=config, backend=backend, workers=3))
+    ok = [r for r in records(base / "out") if r["status"] == "ok"]
+    assert report["counts"]["ok"] == len(ok) == items - len([n for n in missing if n < items])
+
+    shards = {}
+    for path in sorted((base / "out" / "wds").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            shards[str(path)] = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+    assert sorted(key for keys in shards.values() for key in keys) == sorted(r["key"] for r in ok)
+    for record in ok:
+        where = record["shards"]["tar"]
+        assert shards[where["path"]][where["position"]] == record["key"]
+    ordered = sorted(shards.values(), key=lambda keys: by_index(ok)[keys[0]])
+    flat = [key for keys in ordered for key in keys]
+    assert flat == [r["key"] for r in ok]  # the input's order, shard after shard
+    if not shard_bytes:
+        assert all(len(keys) == shard_size for keys in ordered[:-1])
+    assert all(len(keys) <= shard_size for keys in ordered)
+    assert not list((base / "out").rglob(".pieces/*"))
+
+
+def by_index(found: list[dict]) -> dict[str, int]:
+    return {record["key"]: record["index"] for record in found}
