@@ -14,11 +14,11 @@ import traceback
 from collections.abc import Sequence
 
 from pipeline import __version__, logs
-from pipeline.cli import inspect, run, state
+from pipeline.cli import compact, inspect, run, state
 from pipeline.cli.arguments import add_verbosity_flags
 from pipeline.errors import PipelineError, RunIncompleteError
 
-COMMAND_MODULES = [run, inspect, state]
+COMMAND_MODULES = [run, inspect, state, compact]
 
 
 def build_parser() -> argparse.ArgumentParser:

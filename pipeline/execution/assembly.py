@@ -111,6 +111,7 @@ class ShardAssembler:
         self.sinks = sharded_sinks(plan)
         self.fingerprints = sink_fingerprints(plan)
         self.manifest, self.run_id, self.release = manifest, run_id, release
+        manifest.note_sharded_sinks(self.sinks)  # what `pipeline compact` rebuilds
         self.order: deque[str] = deque()  # keys of submitted items, not yet cut
         self.arrived: dict[str, Record] = {}
         self.cuts = {name: _Cut() for name in self.sinks}

@@ -19,6 +19,9 @@ own compaction, dedup and index to do the same.
                                              from before its file is written until its
                                              samples' `sinks` rows commit with it (`done`);
                                              `obsolete` once compaction moved its samples
+    sharded_sinks(sink, kind, options)       every sharded sink a run wrote, with its kind
+                                             and validated options (JSON): what `compact`
+                                             rebuilds it from, with no config
 
 A shard's `sinks` rows commit with it, before the rest of its items' records (which wait
 for every shard they are in): an item whose shard is done is never written to another
@@ -40,13 +43,17 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import ConfigError
 from pipeline.records import Record, SourceItem, clean_text
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -83,6 +90,11 @@ CREATE TABLE IF NOT EXISTS shards (
     bytes INTEGER,
     run_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sharded_sinks (
+    sink TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    options TEXT NOT NULL
+) WITHOUT ROWID;
 """
 IndexRow = tuple[str, str, int]  # key, value, order
 
@@ -114,6 +126,22 @@ class Shard:
     path: str
     samples: list[tuple[str, str]]
     bytes: int
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """A done shard as the `shards` table has it."""
+
+    path: str
+    samples: int
+    bytes: int
+
+
+class Configured(Protocol):
+    """A stage as `note_sharded_sinks` records it: its kind and validated options."""
+
+    kind: str
+    options: BaseModel
 
 
 @dataclass(frozen=True)
@@ -204,17 +232,86 @@ class Manifest:
     def commit_shard(self, shard: Shard) -> None:
         """A written shard and its samples, done for its sink, atomically."""
         with self._transaction():
-            self.db.execute(
-                "UPDATE shards SET state = 'done', samples = ?, bytes = ? WHERE path = ?",
-                (len(shard.samples), shard.bytes, shard.path),
-            )
+            self._shard_done(shard)
+
+    def _shard_done(self, shard: Shard) -> None:
+        self.db.execute(
+            "UPDATE shards SET state = 'done', samples = ?, bytes = ? WHERE path = ?",
+            (len(shard.samples), shard.bytes, shard.path),
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO sinks VALUES (?, ?, ?, ?)",
+            [
+                (key, shard.sink, fingerprint, json.dumps([shard.path]))
+                for key, fingerprint in shard.samples
+            ],
+        )
+
+    def replace_shards(self, shard: Shard | None, obsolete: Iterable[str]) -> None:
+        """Compaction, atomically: `shard` (written, noted by `begin_shard`) is done with
+        its samples, which moved there, and the `obsolete` shards are garbage."""
+        with self._transaction():
+            if shard is not None:
+                self._shard_done(shard)
             self.db.executemany(
-                "INSERT OR REPLACE INTO sinks VALUES (?, ?, ?, ?)",
+                "UPDATE shards SET state = 'obsolete' WHERE path = ?", [(p,) for p in obsolete]
+            )
+
+    def done_shards(self, sink: str) -> list[ShardRow]:
+        """The sink's done shards, in the order they were noted (`begin_shard`)."""
+        rows = self.db.execute(
+            "SELECT path, samples, bytes FROM shards WHERE sink = ? AND state = 'done'"
+            " ORDER BY rowid",
+            (sink,),
+        )
+        return [ShardRow(*row) for row in rows]
+
+    def shard_sinks(self, *states: str) -> dict[str, str]:
+        """The shards in one of `states` (`writing`, `done`, `obsolete`; any if none given):
+        path -> sink."""
+        rows = self.db.execute(
+            "SELECT path, sink FROM shards WHERE ? OR state IN (SELECT value FROM json_each(?))",
+            (not states, json.dumps(states)),
+        )
+        return dict(rows.fetchall())
+
+    def live_samples(self, sink: str) -> Counter[str]:
+        """How many items' `sinks` rows name each shard of `sink` (one scan)."""
+        rows = self.db.execute(
+            "SELECT outputs, count(*) FROM sinks WHERE sink = ? GROUP BY outputs", (sink,)
+        )
+        counts: Counter[str] = Counter()
+        for outputs, count in rows:
+            for path in json.loads(outputs):
+                counts[path] += count
+        return counts
+
+    def sink_rows(self, sink: str, keys: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
+        """The `sinks` row of each of `keys` done for `sink`: key -> (fingerprint, outputs)."""
+        rows = self.db.execute(
+            "SELECT key, fingerprint, outputs FROM sinks WHERE sink = ?"
+            " AND key IN (SELECT value FROM json_each(?))",
+            (sink, json.dumps(list(keys))),
+        )
+        return {key: (fingerprint, json.loads(outputs)) for key, fingerprint, outputs in rows}
+
+    def note_sharded_sinks(self, sinks: Mapping[str, Configured]) -> None:
+        """Record each sharded sink's kind and options (`sharded_sinks`), for `compact`."""
+        if not sinks:
+            return
+        with self._transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO sharded_sinks VALUES (?, ?, ?)",
                 [
-                    (key, shard.sink, fingerprint, json.dumps([shard.path]))
-                    for key, fingerprint in shard.samples
+                    (name, sink.kind, json.dumps(sink.options.model_dump(mode="json")))
+                    for name, sink in sinks.items()
                 ],
             )
+
+    def sharded_sinks(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Every sharded sink a run recorded: name -> (kind, options)."""
+        rows = self.db.execute("SELECT sink, kind, options FROM sharded_sinks ORDER BY sink")
+        return {sink: (kind, json.loads(options)) for sink, kind, options in rows}
 
     def garbage_shards(self) -> list[str]:
         """Shards whose files must go: never committed (`writing`), or compacted away."""
