@@ -18,9 +18,9 @@ import pytest
 from pipeline import logs
 from pipeline.cli import main
 from pipeline.errors import ConfigError
+from pipeline.execution.compaction import Sample, compact, cut
 from pipeline.execution.runner import RunRequest, run
 from pipeline.stages.shared.shards import ShardOptions
-from pipeline.state.compaction import Sample, compact, cut
 from pipeline.state.manifest import Manifest
 from tests.conftest import REPO
 from tests.stage_jobs import records, run_job, write_photos

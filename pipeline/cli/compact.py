@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.cli.arguments import add_verbosity_flags
 from pipeline.errors import EXIT_OK
-from pipeline.state.compaction import compact
+from pipeline.execution.compaction import compact
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

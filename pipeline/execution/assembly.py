@@ -88,7 +88,10 @@ def _remove_pieces(folder: str) -> None:
 
 
 @dataclass
-class _Sample:
+class PieceSample:
+    """One sample of a sharded sink: its record, and where its row is (a piece, until its
+    shard is written; compaction: the shard it moves from)."""
+
     record: Record
     piece: str
     position: int
@@ -99,7 +102,7 @@ class _Sample:
 class _Cut:
     """The samples of one sink not yet in a shard, in the run's order."""
 
-    samples: list[_Sample] = field(default_factory=list)
+    samples: list[PieceSample] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -160,7 +163,7 @@ class ShardAssembler:
 
     def _take(self, name: str, record: Record) -> None:
         where = record["shards"][name]
-        sample = _Sample(record, where["path"], where["position"], where["bytes"])
+        sample = PieceSample(record, where["path"], where["position"], where["bytes"])
         options = self.sinks[name].options
         cut = self.cuts[name]
         if cut.samples and options.shard_bytes and cut.bytes + sample.bytes > options.shard_bytes:
@@ -191,7 +194,7 @@ class ShardAssembler:
         self.queued.append(SideTask(assemble_task, args, done))
 
     def _assembled(
-        self, name: str, path: str, samples: list[_Sample], pieces: list[str], future: Future
+        self, name: str, path: str, samples: list[PieceSample], pieces: list[str], future: Future
     ) -> None:
         """A shard's task ended: commit it and point its records at it, or fail them;
         delete the pieces no shard task reads any more."""
@@ -210,7 +213,7 @@ class ShardAssembler:
             keys = [(sample.record["key"], fingerprint) for sample in samples]
             self.manifest.commit_shard(Shard(name, path, keys, size))
             for position, sample in enumerate(samples):
-                _point_at_shard(sample, name, path, position)
+                point_at_shard(sample, name, path, position)
         self._released(samples)
 
     def _read(self, name: str, pieces: list[str]) -> None:
@@ -222,7 +225,7 @@ class ShardAssembler:
                 del self.piece_left[piece]
                 self.sinks[name].remove(piece)
 
-    def _released(self, samples: list[_Sample]) -> None:
+    def _released(self, samples: list[PieceSample]) -> None:
         free = []
         for sample in samples:
             key = sample.record["key"]
@@ -234,7 +237,8 @@ class ShardAssembler:
             self.release(free)
 
 
-def _point_at_shard(sample: _Sample, sink: str, path: str, position: int) -> None:
+def point_at_shard(sample: PieceSample, sink: str, path: str, position: int) -> None:
+    """The sample's record names `path`, where its row is at `position`, for `sink`."""
     record = sample.record
     record["shards"][sink] = {"path": path, "position": position, "bytes": sample.bytes}
     record["outputs"] = [path if out == sample.piece else out for out in record["outputs"]]

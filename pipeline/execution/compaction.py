@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
-from pipeline.execution.assembly import _point_at_shard, _Sample, remove_garbage, sharded_sinks
+from pipeline.execution.assembly import PieceSample, point_at_shard, remove_garbage, sharded_sinks
 from pipeline.plan import Plan
 from pipeline.plan.dag import StageNode
 from pipeline.records import JobContext, Record
@@ -399,8 +399,8 @@ class Repointer:
             return False
         sample = record.get("shards", {}).get(sink)
         if sample is not None and sample["path"] == old:
-            where = _Sample(record, old, sample["position"], sample["bytes"])
-            _point_at_shard(where, sink, new, position)
+            where = PieceSample(record, old, sample["position"], sample["bytes"])
+            point_at_shard(where, sink, new, position)
         else:  # a skipped record names its outputs only
             record["outputs"] = [new if path == old else path for path in record["outputs"]]
         return True
