@@ -3,19 +3,24 @@
 A fresh process per measurement keeps caches, pools and memory from one run
 out of the next. It prints one JSON line: wall seconds, images done, CPU
 seconds of this process and its children, the client's peak RSS and the peak
-RSS of its whole process tree (sampled).
+RSS of its whole process tree (sampled). A pipeline spec may name its sink (`sink`:
+the write stage's options; the files it wrote are counted) and gives the tail: the
+wall and CPU seconds from its last partition's records to the run's end (with a
+sharded sink: the last shards' assembly), and the time spent assembling shards where
+that runs in this process (the threads backend).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import resource
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import psutil
 from bench import references
 
 SAMPLE_SECONDS = 0.25
+IMAGES_SINK = {"kind": "write_images", "path": "images", "format": "jpeg", "quality": 85}
 
 
 class TreeMemory:
@@ -52,14 +58,17 @@ class TreeMemory:
         self._thread.join()
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU of this process and its live descendants, so far."""
+def tree_cpu_seconds(reaped: bool = False) -> float:
+    """User + system CPU of this process and its live descendants, so far; with
+    `reaped`, also of the descendants they have reaped (pool workers that exited)."""
     total = 0.0
     me = psutil.Process()
     for process in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
             total += times.user + times.system
+            if reaped:
+                total += times.children_user + times.children_system
     return total
 
 
@@ -119,8 +128,43 @@ class FirstRecords(BaseException):
     breaking (exit 4); this one, like KeyboardInterrupt, passes through as it is."""
 
 
+Probe = Callable[[], tuple[float, float]]
+Calls = list[tuple[tuple[float, float], tuple[float, float]]]
+
+
+@contextlib.contextmanager
+def calls(owner: type, name: str, probe: Probe) -> Iterator[Calls]:
+    """Spies on method `owner.name` (in this process only) while in the block: yields a
+    list that gets `(probe() at the call, probe() at its return)` for every call."""
+    found: Calls = []
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        at = probe()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            found.append((at, probe()))
+
+    setattr(owner, name, spy)
+    try:
+        yield found
+    finally:
+        setattr(owner, name, original)
+
+
+def tree_clock() -> tuple[float, float]:
+    return time.perf_counter(), tree_cpu_seconds(reaped=True)
+
+
+def thread_clock() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
 def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """The standard thumbnail job on `spec['backend']`, with `spec['set']` overrides."""
+    """The standard thumbnail job on `spec['backend']`, with `spec['set']` overrides,
+    writing with `spec['sink']` (write stage options; default: JPEG files)."""
     from pipeline.execution.runner import RunRequest, run
 
     config = scratch / "job.yaml"
@@ -137,7 +181,7 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
         "  download: {kind: download, input: urls, allow_hosts: [127.0.0.1], per_host: 64}\n"
         "  decode: {kind: decode, input: download}\n"
         "  thumb: {kind: thumbnail, input: decode, size: [256, 256]}\n"
-        "  write: {kind: write_images, input: thumb, path: images, format: jpeg, quality: 85}\n"
+        f"  write: {json.dumps({**spec.get('sink', IMAGES_SINK), 'input': 'thumb'})}\n"
     )
     progress: list[tuple[float, int, float]] = []
 
@@ -146,19 +190,67 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
         if spec.get("stop_after_first"):
             raise FirstRecords
 
+    from pipeline.execution.assembly import ShardAssembler
+    from pipeline.stages.shared.shards import ShardedSink
+
     started = time.perf_counter()
     try:
-        report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
+        # ShardAssembler.finish: the engine has the last partition's records (sharded
+        # sinks only); ShardedSink.assemble and _rows (reading the pieces): in this
+        # process on the threads backend only
+        with (
+            calls(ShardAssembler, "finish", tree_clock) as last_partition,
+            calls(ShardedSink, "assemble", thread_clock) as assembled,
+            calls(ShardedSink, "_rows", thread_clock) as read,
+        ):
+            report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
     except FirstRecords:
         return {"images": progress[0][1], "first_record": progress[0][0] - started}
+    ended = tree_clock()
     return {
         "images": report["counts"]["ok"],
         "failed": report["counts"]["failed"],
         "failures": report["failures_by_reason"],
         "stage_seconds": report["stage_seconds"],
         "first_record": progress[0][0] - started if progress else None,
+        **_tail(last_partition, ended),
+        **_spent("assemble", assembled),
+        **_spent("read_pieces", read),
         **_steady(progress),
     }
+
+
+def _tail(last_partition: Calls, ended: tuple[float, float]) -> dict[str, Any]:
+    """Wall and CPU seconds from the last partition's records to the run's end."""
+    if not last_partition:
+        return {"tail": None, "tail_cpu": None}
+    (at, cpu_at), _ = last_partition[-1]
+    return {"tail": ended[0] - at, "tail_cpu": ended[1] - cpu_at}
+
+
+def _spent(name: str, found: Calls) -> dict[str, Any]:
+    """The calls, wall and CPU seconds of a spied method, summed (None: never called)."""
+    if not found:
+        return {f"{name}_calls": 0, f"{name}_wall": None, f"{name}_cpu": None}
+    return {
+        f"{name}_calls": len(found),
+        f"{name}_wall": sum(end[0] - start[0] for start, end in found),
+        f"{name}_cpu": sum(end[1] - start[1] for start, end in found),
+    }
+
+
+def sink_files(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """The count and bytes of the files `spec['sink']` wrote (shards, not their `_`
+    summaries or `.pieces`); nothing for the default sink."""
+    if "sink" not in spec:
+        return {}
+    folder = scratch / "out" / spec["sink"]["path"]
+    sizes = [
+        path.stat().st_size
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(("_", "."))
+    ]
+    return {"files": len(sizes), "file_bytes": sum(sizes)}
 
 
 def _steady(progress: list[tuple[float, int, float]]) -> dict[str, float]:
@@ -195,7 +287,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 lambda: {"images": len(urls), "bytes": references.download_only(urls, reuse)}
             )
         if kind == "pipeline":
-            return timed(lambda: pipeline_job(spec, scratch))
+            return {**timed(lambda: pipeline_job(spec, scratch)), **sink_files(spec, scratch)}
     raise ValueError(f"unknown measurement kind {kind!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,20 @@ def _cells(row: dict[str, Any]) -> list[Any]:
     ]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table, also valid Markdown."""
-    header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("-" * (len(name) + 2) for name, _ in COLUMNS) + "|"
+def table(
+    rows: list[dict[str, Any]],
+    columns: Sequence[tuple[str, str]] = COLUMNS,
+    cells: Callable[[dict[str, Any]], list[Any]] = _cells,
+) -> str:
+    """A fixed-width text table, also valid Markdown: `columns` are (name, format) pairs,
+    `cells(row)` a row's values in their order."""
+    header = "| " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|" + "|".join("-" * (len(name) + 2) for name, _ in columns) + "|"
     lines = [header, rule]
     for row in rows:
-        cells = [fmt.format(value) for (_, fmt), value in zip(COLUMNS, _cells(row), strict=True)]
-        lines.append("| " + " | ".join(cells) + " |")
+        values = zip(columns, cells(row), strict=True)
+        cells_text = [fmt.format(value) for (_, fmt), value in values]
+        lines.append("| " + " | ".join(cells_text) + " |")
     return "\n".join(lines)
 
 
