@@ -57,11 +57,16 @@ class HostSlots:
             self.release(host)
 
     def acquire(self, host: str) -> None:
-        """Wait for this request's turn (rate, pause), then for a free slot."""
-        self._wait_turn(host)
+        """Wait for a free slot, then for this request's turn (rate, pause): the last
+        thing before the request starts, so a pause set meanwhile holds it back too."""
         with self._changed:
             self._changed.wait_for(lambda: self._busy.get(host, 0) < self.limit)
             self._busy[host] = self._busy.get(host, 0) + 1
+        try:
+            self._wait_turn(host)
+        except BaseException:
+            self.release(host)
+            raise
 
     def release(self, host: str) -> None:
         with self._changed:
@@ -240,7 +245,6 @@ class ClusterHostSlots:
 
     @contextlib.contextmanager
     def hold(self, host: str) -> Iterator[None]:
-        self._wait_pause(host)
         rated, held = None, 0.0
         if self.rate:
             leases = max(1, round(self.rate * RATE_BURST))
@@ -248,11 +252,12 @@ class ClusterHostSlots:
             rated.acquire()
         semaphore = self._semaphore(host, "per-host", self.limit)
         semaphore.acquire()
-        if rated is not None:  # counted from the request's start, not from the wait
-            timer = threading.Timer(held, rated.release)
-            timer.daemon = True
-            timer.start()
         try:
+            self._wait_pause(host)  # last: a pause set while this one queued holds it too
+            if rated is not None:  # counted from the request's start, not from the wait
+                timer = threading.Timer(held, rated.release)
+                timer.daemon = True
+                timer.start()
             yield
         finally:
             semaphore.release()
