@@ -20,7 +20,7 @@ CLUSTER_PORT    ?= 8786
 RUN_FLAGS := $(if $(BACKEND),--backend $(BACKEND)) $(if $(WORKERS),--workers $(WORKERS)) \
              $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(ARGS)
 
-.PHONY: setup run test lint format clean cluster cluster-down bench bench-scale
+.PHONY: setup run test lint format clean cluster cluster-down bench bench-scale bench-shards
 
 setup: $(STAMP)
 
@@ -64,3 +64,7 @@ bench: $(STAMP)
 # Long inputs: 100,000 items vs 2,000 (rate, client RSS) and a 1,000,000-line list's start-up.
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.scale --count $(COUNT) $(BENCH_ARGS)
+
+# What big shards cost against per-partition shards (a script, not a test): table + bench/results/shards.json.
+bench-shards: $(STAMP)
+	$(BIN)/python -m bench.shards --count $(COUNT) $(BENCH_ARGS)
