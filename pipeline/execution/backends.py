@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, closing, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -181,12 +182,29 @@ class ProcessesBackend(Backend):
         return self._pool.enter_context(self.executor())
 
     def executor(self) -> Executor:
-        return ProcessPoolExecutor(
+        return ProcessPool(
             self.workers,
             mp_context=process_context(),
             initializer=join_host_slot_server,
             initargs=(self._host_slots.address,),
         )
+
+
+class ProcessPool(ProcessPoolExecutor):
+    """A process pool whose `submit` says BrokenProcessPool whenever the pool is broken.
+
+    CPython's starts a worker inside `submit`; if a worker dies meanwhile, the pool's
+    manager thread closes its queues, and pickling them for the new worker raises
+    OSError("handle is closed") instead (seen under load, after a kill -9)."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except OSError as exc:
+            broken = getattr(self, "_broken", False)
+            if broken:
+                raise BrokenProcessPool(broken) from exc
+            raise
 
 
 def process_context() -> multiprocessing.context.BaseContext:
