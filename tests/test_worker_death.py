@@ -90,3 +90,24 @@ def test_a_broken_pool_is_replaced_and_the_new_one_closed_on_exit():
     with pytest.raises(RuntimeError, match="after shutdown"):
         fresh.submit(abs, -3)
     wait_for(lambda: not pool_workers(os.getpid()), timeout=10)
+
+
+def test_a_pool_broken_while_submit_starts_a_worker_says_so(monkeypatch):
+    """CPython starts a worker inside `submit`; a worker dying meanwhile closes the pool's
+    queues, and the start fails with OSError: the engine must see BrokenProcessPool."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline.execution.backends import ProcessPool
+
+    def dies_meanwhile(self):
+        self._broken = "A child process terminated abruptly"
+        raise OSError("handle is closed")
+
+    monkeypatch.setattr(ProcessPoolExecutor, "_adjust_process_count", dies_meanwhile)
+    pool = ProcessPool(1)
+    with pytest.raises(BrokenProcessPool, match="terminated abruptly"):
+        pool.submit(print)
+    pool._broken = False
+    monkeypatch.undo()
+    pool.shutdown()
