@@ -98,14 +98,14 @@ def test_a_pool_broken_while_submit_starts_a_worker_says_so(monkeypatch):
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from pipeline.execution.backends import ProcessPool
+    from pipeline.execution.backends import ProcessPool, process_context
 
     def dies_meanwhile(self):
         self._broken = "A child process terminated abruptly"
         raise OSError("handle is closed")
 
-    monkeypatch.setattr(ProcessPoolExecutor, "_adjust_process_count", dies_meanwhile)
-    pool = ProcessPool(1)
+    monkeypatch.setattr(ProcessPoolExecutor, "_spawn_process", dies_meanwhile)
+    pool = ProcessPool(1, mp_context=process_context())
     with pytest.raises(BrokenProcessPool, match="terminated abruptly"):
         pool.submit(print)
     pool._broken = False
