@@ -7,7 +7,9 @@ RSS of its whole process tree (sampled). A pipeline spec may name its sink (`sin
 the write stage's options; the files it wrote are counted) and gives the tail: the
 wall and CPU seconds from its last partition's records to the run's end (with a
 sharded sink: the last shards' assembly), and the time spent assembling shards where
-that runs in this process (the threads backend).
+that runs in this process (the threads backend). An img2dataset spec runs img2dataset
+as a child process (`bench.img2dataset_row`): its whole tree's CPU is counted once it
+is reaped, and `images` is the .jpg files it wrote.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench import references
+from bench import img2dataset_row, references
 
 SAMPLE_SECONDS = 0.25
 IMAGES_SINK = {"kind": "write_images", "path": "images", "format": "jpeg", "quality": 85}
@@ -274,12 +276,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         scratch = Path(folder)
         if kind == "ceiling":
             corpus = [Path(path).read_bytes() for path in read_lines(spec["files"])]
+            corpus *= spec.get("repeat", 1)  # the same bytes again, as the URL list repeats
             return timed(lambda: {"images": references.ceiling(corpus, spec["workers"])})
         if kind == "tutorial":
             urls = read_lines(spec["urls"])
             return timed(
                 lambda: {"images": references.tutorial(urls, scratch / "out", spec["workers"])}
             )
+        if kind == "img2dataset":
+            python, urls, workers = spec["python"], spec["urls"], spec["workers"]
+            return timed(lambda: img2dataset_row.download(python, urls, scratch / "out", workers))
         if kind == "download":
             urls = read_lines(spec["urls"])
             reuse = spec.get("reuse", True)

@@ -22,16 +22,22 @@ COLUMNS = (
     ("x ceiling", "{:>9.2f}"),
     ("x ceiling CPU", "{:>13.2f}"),
     ("x tutorial", "{:>10.2f}"),
+    ("x img2dataset", "{:>13}"),
 )
 
 
 def derive(
-    rows: list[dict[str, Any]], ceiling: float, ceiling_cpu: float, tutorial: float | None
+    rows: list[dict[str, Any]],
+    ceiling: float,
+    ceiling_cpu: float,
+    tutorial: float | None,
+    img2dataset: float | None = None,
 ) -> None:
     """Add rates and ratios to each measured row, in place.
 
     `x ceiling` compares throughput; `x ceiling CPU` compares CPU per image (steady
-    state where known), which other load on the machine disturbs far less."""
+    state where known), which other load on the machine disturbs far less; `x tutorial`
+    and `x img2dataset` compare throughput (None when that row was not run)."""
     for row in rows:
         images = max(row["images"], 1)
         row["rate"] = row["images"] / row["wall"]
@@ -40,6 +46,7 @@ def derive(
         row["vs_ceiling"] = row["rate"] / ceiling
         row["vs_ceiling_cpu"] = ceiling_cpu / row.get("steady_cpu_per_image", row["cpu_per_image"])
         row["vs_tutorial"] = row["rate"] / tutorial if tutorial else None
+        row["vs_img2dataset"] = row["rate"] / img2dataset if img2dataset else None
 
 
 def _cells(row: dict[str, Any]) -> list[Any]:
@@ -57,6 +64,7 @@ def _cells(row: dict[str, Any]) -> list[Any]:
         row["vs_ceiling"],
         row["vs_ceiling_cpu"],
         row["vs_tutorial"] or 0.0,
+        f"{row['vs_img2dataset']:.2f}" if row.get("vs_img2dataset") else "",
     ]
 
 

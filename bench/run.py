@@ -1,13 +1,17 @@
-"""`make bench`: the pipeline against the CPU ceiling and the tutorial approach, side by side.
+"""`make bench`: the pipeline against the CPU ceiling, img2dataset and the tutorial approach.
 
-    python -m bench.run [--count 2000] [--levers/--no-levers] [--only LABEL ...]
+    python -m bench.run [--count 2000] [--repeat 1] [--levers/--no-levers] [--only LABEL ...]
 
 Generates (once) a corpus of photo-like JPEGs, serves it from a loopback HTTP
 server with 0 ms and 50 ms of added latency, and runs every measurement in a
 fresh process, one after the other, so that all of them share this moment's
 machine. The server runs in this process: its CPU time during a measurement is
-reported separately (`srv ms/img`). Prints a table and writes
-`bench/results/latest.json` and `latest.png`.
+reported separately (`srv ms/img`). `--repeat N` lists every image N times with
+distinct query strings (`?x=0` .. `?x=N-1`; the server ignores the query), and the
+ceiling thumbnails the corpus N times. The img2dataset row needs img2dataset in its
+own virtualenv (see `bench.img2dataset_row`); when that cannot be installed, the row
+is skipped with a message. Prints a table and writes `bench/results/latest.json`,
+`latest.md` and `latest.png`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from bench import report
+from bench import img2dataset_row, report
 from bench.corpus import ensure_corpus
 from bench.server import StaticServer
 from pipeline.execution.backends import default_workers
@@ -36,6 +40,7 @@ from pipeline.execution.backends import default_workers
 HERE = Path(__file__).resolve().parent
 LATENCIES = {"0ms": 0.0, "50ms": 0.05}
 BACKENDS = ("threads", "processes", "distributed")
+IMG2DATASET = "img2dataset 1.47 (32 threads/proc)"
 
 
 def measurements(levers: bool, rounds: int) -> list[dict[str, Any]]:
@@ -47,7 +52,8 @@ def measurements(levers: bool, rounds: int) -> list[dict[str, Any]]:
         {"label": "server: download only", "kind": "download", "latency": "0ms"},
     ]
     compared: list[dict[str, Any]] = [
-        {"label": "tutorial (threads+processes)", "kind": "tutorial", "latency": "0ms"}
+        {"label": IMG2DATASET, "kind": "img2dataset", "latency": "0ms"},
+        {"label": "tutorial (threads+processes)", "kind": "tutorial", "latency": "0ms"},
     ]
     for backend in BACKENDS:
         for latency in LATENCIES:
@@ -130,14 +136,35 @@ def serve(stack: ExitStack, files: list[Path], latency: float) -> StaticServer:
     return server
 
 
-def url_file(folder: Path, name: str, server: StaticServer, files: list[Path]) -> Path:
+def url_file(
+    folder: Path, name: str, server: StaticServer, files: list[Path], repeat: int = 1
+) -> Path:
+    """The URL list: every file once, or `repeat` times with distinct query strings."""
+    queries = [f"?x={copy}" for copy in range(repeat)] if repeat > 1 else [""]
     path = folder / f"urls-{name}.txt"
-    path.write_text("".join(server.url(f"/img/{file.name}") + "\n" for file in files))
+    lines = [server.url(f"/img/{file.name}") + query for query in queries for file in files]
+    path.write_text("".join(line + "\n" for line in lines))
     return path
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement in a fresh process; add the server's CPU time meanwhile."""
+def with_img2dataset(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give img2dataset rows its venv's python, installing it if need be; without it,
+    drop them (with a message saying why)."""
+    if not any(spec["kind"] == "img2dataset" for spec in specs):
+        return specs
+    python, status = img2dataset_row.ensure_venv()
+    print(status, flush=True)
+    if python is None:
+        return [spec for spec in specs if spec["kind"] != "img2dataset"]
+    return [
+        {**spec, "python": str(python)} if spec["kind"] == "img2dataset" else spec for spec in specs
+    ]
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one measurement in a fresh process; add the server's CPU time meanwhile.
+    A failed img2dataset row is reported and skipped (None); any other failure ends
+    the bench."""
     me = psutil.Process()
     before = sum(me.cpu_times()[:2])
     completed = subprocess.run(
@@ -149,7 +176,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         check=False,
     )
     if completed.returncode != 0:
-        raise SystemExit(f"{spec['label']} failed:\n{completed.stderr[-3000:]}")
+        message = f"{spec['label']} failed:\n{completed.stderr[-3000:]}"
+        if spec["kind"] != "img2dataset":
+            raise SystemExit(message)
+        print(f"img2dataset row skipped: {message}", flush=True)
+        return None
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     server_cpu = sum(me.cpu_times()[:2]) - before if spec["kind"] != "ceiling" else 0.0
     return {**spec, **result, "server_cpu": server_cpu}
@@ -158,6 +189,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="images in the corpus")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="list each image this many times (distinct queries)"
+    )
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--rounds", type=int, default=2, help="runs of each compared row; the best is kept"
@@ -178,19 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     specs = measurements(args.levers, args.rounds)
     if args.only:
         specs = [s for s in specs if any(word in s["label"] for word in args.only)]
+    specs = with_img2dataset(specs)
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         urls = {
-            name: url_file(scratch, name, serve(stack, files, latency), files)
+            name: url_file(scratch, name, serve(stack, files, latency), files, args.repeat)
             for name, latency in LATENCIES.items()
         }
         for spec in specs:
             spec = {**spec, "workers": workers, "scratch": str(scratch), "files": str(files_list)}
+            spec["repeat"] = args.repeat
             if "latency" in spec:
                 spec["urls"] = str(urls[spec["latency"]])
-            row = run_one(spec)
+            if (row := run_one(spec)) is None:
+                continue
             rows.append(row)
             print(f"  {row['label']:<36} {row['images'] / row['wall']:8.1f} img/s", flush=True)
+            if row.get("failed"):
+                print(f"    {row['failed']} failed: {row.get('failures')}", flush=True)
     return finish(args, best_rounds(rows), workers, time.perf_counter() - started)
 
 
@@ -201,11 +240,14 @@ def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, w
     ceiling_cpus = [r["cpu"] / r["images"] for r in rows if r["kind"] == "ceiling"]
     ceiling_cpu = sum(ceiling_cpus) / len(ceiling_cpus) if ceiling_cpus else 1.0
     tutorial = tutorials[0] if tutorials else None
-    report.derive(rows, ceiling, ceiling_cpu, tutorial)
+    img2dataset = next((r["images"] / r["wall"] for r in rows if r["kind"] == "img2dataset"), 0.0)
+    report.derive(rows, ceiling, ceiling_cpu, tutorial, img2dataset or None)
     text = report.table(rows)
     print(text)
     meta = {
         "count": args.count,
+        "repeat": args.repeat,
+        "urls": args.count * args.repeat,
         "workers": workers,
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
@@ -213,13 +255,15 @@ def finish(args: argparse.Namespace, rows: list[dict[str, Any]], workers: int, w
         "ceiling_rate": ceiling,
         "ceiling_cpu_per_image": ceiling_cpu,
         "tutorial_rate": tutorial,
+        "img2dataset_rate": img2dataset or None,
+        "img2dataset_settings": img2dataset_row.settings(workers),
         "bench_seconds": wall,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     report.write_json(args.results / "latest.json", meta, rows)
     (args.results / "latest.md").write_text(text + "\n")
-    title = f"{args.count} images, {workers} cores, {meta['date']}: images/s (red: CPU ceiling)"
+    title = f"{meta['urls']} images, {workers} cores, {meta['date']}: images/s (red: CPU ceiling)"
     report.chart(args.results / "latest.png", title, rows, ceiling)
     print(f"wrote {args.results}/latest.json, latest.md, latest.png ({wall:.0f}s in all)")
     return 0
