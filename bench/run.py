@@ -129,6 +129,17 @@ def scratch_folder() -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
+def prepared(count: int) -> tuple[int, Path, list[Path]]:
+    """The bench's workers, a scratch folder (removed at exit) and a corpus of `count`."""
+    workers = default_workers()
+    scratch = scratch_folder()
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    started = time.perf_counter()
+    files = ensure_corpus(HERE / "corpus", count, workers)
+    print(f"corpus: {len(files)} images ready in {time.perf_counter() - started:.1f}s", flush=True)
+    return workers, scratch, files
+
+
 def serve(stack: ExitStack, files: list[Path], latency: float) -> StaticServer:
     server = stack.enter_context(StaticServer(latency=latency))
     for path in files:
@@ -200,12 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
-    workers = default_workers()
-    scratch = scratch_folder()
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     started = time.perf_counter()
-    files = ensure_corpus(HERE / "corpus", args.count, workers)
-    print(f"corpus: {len(files)} images ready in {time.perf_counter() - started:.1f}s", flush=True)
+    workers, scratch, files = prepared(args.count)
     files_list = scratch / "files.txt"
     files_list.write_text("".join(f"{path}\n" for path in files))
 

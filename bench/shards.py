@@ -22,10 +22,8 @@ and `shards.md`.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import platform
-import shutil
 import statistics
 import time
 from contextlib import ExitStack
@@ -36,9 +34,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.corpus import ensure_corpus
-from bench.run import HERE, best_rounds, run_one, scratch_folder, serve, url_file
-from pipeline.execution.backends import default_workers
+from bench.run import HERE, best_rounds, prepared, run_one, serve, url_file
 
 MIB = 1024 * 1024
 PARTITION_SIZE = 64
@@ -223,12 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
-    workers = default_workers()
-    scratch = scratch_folder()
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     started = time.perf_counter()
-    files = ensure_corpus(HERE / "corpus", args.count, workers)
-    print(f"corpus: {len(files)} images ready in {time.perf_counter() - started:.1f}s", flush=True)
+    workers, scratch, files = prepared(args.count)
     with ExitStack() as stack:
         urls = url_file(scratch, "0ms", serve(stack, files, 0.0), files)
         common = {"workers": workers, "scratch": str(scratch), "urls": str(urls)}
