@@ -45,9 +45,11 @@ class Snapshot:
 
 
 def snapshot(stats: RunStats, total: int | None) -> Snapshot:
+    """Where the run is: its records so far, with those waiting for their shards."""
     elapsed = stats.wall_seconds
-    rate = stats.items / elapsed if elapsed > 0 else 0.0
-    return Snapshot(stats.items, stats.statuses["failed"], total, rate, elapsed)
+    done = stats.items + stats.waiting
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return Snapshot(done, stats.statuses["failed"], total, rate, elapsed)
 
 
 def clock(seconds: float) -> str:

@@ -377,3 +377,17 @@ def test_every_ok_sample_is_in_exactly_one_shard_in_order(
 
 def by_index(found: list[dict]) -> dict[str, int]:
     return {record["key"]: record["index"] for record in found}
+
+
+def test_progress_counts_records_that_wait_for_their_shard(small_job):
+    """With one shard for the whole run, no record is committed before the end: progress
+    still shows the items whose tasks finished."""
+    seen: list[tuple[int, int]] = []
+    config = small_job().read_text().replace("shard_size: 10", "shard_size: 1000")
+    path = small_job()
+    path.write_text(config)
+    report = run(RunRequest(config=path), lambda stats: seen.append((stats.items, stats.waiting)))
+    assert report["counts"]["ok"] == 30
+    waiting = [(items, waits) for items, waits in seen if waits]
+    assert waiting and all(items == 0 for items, _ in waiting)  # none committed meanwhile
+    assert max(waits for _, waits in waiting) == 30 and seen[-1] == (30, 0)

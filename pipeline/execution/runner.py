@@ -333,12 +333,22 @@ class RunContext:
                 add(records)
                 incremental.commit(records, self.run_id)
 
+            def arrived(records: list[Record]) -> None:  # shown as progress meanwhile
+                self.stats.waiting += len(records)
+                shards.add(records)
+                if self.on_progress:
+                    self.on_progress(self.stats)
+
+            def released(records: list[Record]) -> None:
+                self.stats.waiting -= len(records)
+                commit(records)
+
             # a sharded sink's records wait for their shards (`execution.assembly`)
-            shards = ShardAssembler(plan, self.manifest, self.run_id, release=commit)
+            shards = ShardAssembler(plan, self.manifest, self.run_id, release=released)
             pending = incremental.pending(plan_partitions(plan))
             if shards:
                 pending = shards.track(pending)
-            on_records = shards.add if shards else commit
+            on_records = arrived if shards else commit
             side = shards if shards else None
             self._execute_pending(plan, pending, on_records, reductions.run, side)
         return reductions.results

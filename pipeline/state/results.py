@@ -200,6 +200,8 @@ class RunStats:
     skip_reasons: Counter[str] = field(default_factory=Counter)
     stage_seconds: Counter[str] = field(default_factory=Counter)
     summary: BatchSummary = field(default_factory=BatchSummary)
+    # records their tasks finished that wait for their shards (not counted yet)
+    waiting: int = 0
 
     def add(self, records: list[Record]) -> None:
         for record in records:
