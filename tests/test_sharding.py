@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pipeline.execution.runner import RunRequest, run
@@ -325,6 +325,14 @@ def test_a_shard_that_cannot_be_assembled_fails_its_samples_then_a_rerun_writes_
 # --- any partition size, shard size, byte limit, failures and completion order -----------
 
 
+@example(  # a run's last shard is the tail of one piece: copied, never the whole piece moved
+    items=24,
+    partition_size=6,
+    shard_size=10,
+    shard_bytes=None,
+    missing=set(range(12, 24)),
+    backend="sync",
+)
 @given(
     items=st.integers(1, 40),
     partition_size=st.integers(1, 12),
@@ -391,3 +399,26 @@ def test_progress_counts_records_that_wait_for_their_shard(small_job):
     waiting = [(items, waits) for items, waits in seen if waits]
     assert waiting and all(items == 0 for items, _ in waiting)  # none committed meanwhile
     assert max(waits for _, waits in waiting) == 30 and seen[-1] == (30, 0)
+
+
+def test_a_full_rerun_that_fails_to_assemble_keeps_the_earlier_shards(
+    small_job, tmp_path, monkeypatch
+):
+    """`--full` redoes the same items into shards of the same names: if writing them fails,
+    the earlier run's shards (committed) are kept, never collected as garbage."""
+    from pipeline.stages.shared.shards import ShardedSink
+
+    config = small_job()
+    assert run(RunRequest(config=config))["counts"]["ok"] == 30
+    before = tar_samples(tmp_path / "out")
+
+    def refuse(self, parts):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ShardedSink, "_rows", refuse)
+    report = run(RunRequest(config=config, full=True))
+    assert report["failures_by_reason"] == {"write_error": 30}
+    monkeypatch.undo()
+    report = run(RunRequest(config=config))  # the garbage collection of a run
+    assert report["counts"] == {"ok": 0, "failed": 0, "skipped": 30}
+    assert tar_samples(tmp_path / "out") == before

@@ -30,7 +30,7 @@ from functools import partial
 from itertools import groupby
 
 from pipeline.errors import PipelineError
-from pipeline.execution.engine import SideTask
+from pipeline.execution.engine import SideTask, lost_worker, task_error
 from pipeline.execution.worker import compiled
 from pipeline.logs import logger
 from pipeline.plan import Plan
@@ -119,6 +119,7 @@ class ShardAssembler:
         self.arrived: dict[str, Record] = {}
         self.cuts = {name: _Cut() for name in self.sinks}
         self.piece_left: Counter[str] = Counter()  # samples of a piece not yet in a shard
+        self.piece_rows: Counter[str] = Counter()  # samples of a piece in all
         self.piece_readers: Counter[str] = Counter()  # shard tasks to read it, not done
         self.waiting: Counter[str] = Counter()  # key -> shards it waits for
         self.queued: list[SideTask] = []
@@ -135,7 +136,9 @@ class ShardAssembler:
         for record in records:
             self.arrived[record["key"]] = record
             for sink in self._samples_of(record):
-                self.piece_left[record["shards"][sink]["path"]] += 1
+                piece = record["shards"][sink]["path"]
+                self.piece_left[piece] += 1
+                self.piece_rows[piece] += 1
         free = []
         while self.order and self.order[0] in self.arrived:
             record = self.arrived.pop(self.order.popleft())
@@ -185,8 +188,8 @@ class ShardAssembler:
         ]
         pieces = [piece for piece, _ in parts]
         self.piece_left.subtract(sample.piece for sample in samples)
-        sole = len(pieces) == 1 and not self.piece_readers[pieces[0]]
-        sole = sole and self.piece_left[pieces[0]] <= 0  # no shard before or after reads it
+        # the shard is every row of one piece, which no other shard reads: moved, not copied
+        sole = len(parts) == 1 and parts[0][1] == [*range(self.piece_rows[pieces[0]])]
         self.piece_readers.update(pieces)
         self.manifest.begin_shard(name, path, self.run_id)
         args = (self.plan, name, path, keys, parts, sole)
@@ -204,7 +207,7 @@ class ShardAssembler:
         except PipelineError:
             raise
         except Exception as exc:
-            error = self.sinks[name].shard_error(exc)
+            error = task_error(exc) if lost_worker(exc) else self.sinks[name].shard_error(exc)
             for sample in samples:
                 _forget_piece(sample.record, name, sample.piece)
                 Item(sample.record, None).fail(name, error)
@@ -223,6 +226,7 @@ class ShardAssembler:
             if self.piece_readers[piece] <= 0 and self.piece_left[piece] <= 0:
                 del self.piece_readers[piece]
                 del self.piece_left[piece]
+                del self.piece_rows[piece]
                 self.sinks[name].remove(piece)
 
     def _released(self, samples: list[PieceSample]) -> None:

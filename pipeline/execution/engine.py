@@ -268,9 +268,9 @@ def _outcome(
     except PipelineError:  # fatal for the run: stop, and record nothing for this partition
         raise
     except BrokenExecutor as exc:
-        return None if backend.can_restart else failed_records(partition, _task_error(exc))
+        return None if backend.can_restart else failed_records(partition, task_error(exc))
     except Exception as exc:
-        return failed_records(partition, _task_error(exc))
+        return failed_records(partition, task_error(exc))
 
 
 def one_item_partitions(partition: Partition) -> Iterator[Partition]:
@@ -280,7 +280,13 @@ def one_item_partitions(partition: Partition) -> Iterator[Partition]:
         yield replace(partition, items=(item,), sinks=sinks)
 
 
-def _task_error(exc: Exception) -> ItemError:
+def lost_worker(exc: BaseException) -> bool:
+    """Whether a task failed because its worker died (a broken pool, a KilledWorker)."""
+    return isinstance(exc, BrokenExecutor) or type(exc).__name__ == "KilledWorker"
+
+
+def task_error(exc: Exception) -> ItemError:
+    """The error each item of a task that raised `exc` fails with."""
     if type(exc).__name__ == "KilledWorker":
         return ItemError("worker_lost", f"the partition's worker died repeatedly: {exc}")
     if isinstance(exc, BrokenExecutor):

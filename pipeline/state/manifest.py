@@ -223,9 +223,10 @@ class Manifest:
 
     def begin_shard(self, sink: str, path: str, run_id: str) -> None:
         """Note a shard about to be written: garbage (`cleanup`) unless `commit_shard`."""
-        with self._transaction():
+        with self._transaction():  # a done shard of the same name (--full) stays done
             self.db.execute(
-                "INSERT OR REPLACE INTO shards VALUES (?, ?, 'writing', NULL, NULL, ?)",
+                "INSERT INTO shards VALUES (?, ?, 'writing', NULL, NULL, ?)"
+                " ON CONFLICT (path) DO NOTHING",
                 (path, sink, run_id),
             )
 

@@ -250,17 +250,23 @@ class ClusterHostSlots:
             leases = max(1, round(self.rate * RATE_BURST))
             rated, held = self._semaphore(host, "per-host-rate", leases), leases / self.rate
             rated.acquire()
-        semaphore = self._semaphore(host, "per-host", self.limit)
-        semaphore.acquire()
+        started = False
         try:
-            self._wait_pause(host)  # last: a pause set while this one queued holds it too
-            if rated is not None:  # counted from the request's start, not from the wait
-                timer = threading.Timer(held, rated.release)
-                timer.daemon = True
-                timer.start()
-            yield
+            semaphore = self._semaphore(host, "per-host", self.limit)
+            semaphore.acquire()
+            try:
+                self._wait_pause(host)  # last: a pause set while this one queued holds it
+                started = True
+                if rated is not None:  # counted from the request's start, not the wait
+                    timer = threading.Timer(held, rated.release)
+                    timer.daemon = True
+                    timer.start()
+                yield
+            finally:
+                semaphore.release()
         finally:
-            semaphore.release()
+            if rated is not None and not started:  # no request started: its lease goes back
+                rated.release()
 
     def _pause_key(self, host: str) -> list[str]:
         return ["pipeline", self.run, "pause", host]

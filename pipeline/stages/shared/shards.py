@@ -156,11 +156,14 @@ class ShardedSink(Sink[ShardOptionsT]):
         return rows
 
     def _moved_whole(self, path: str, parts: list[PiecePart]) -> bool:
-        """If the shard is one local piece (all of it: no other shard reads it), move the
-        piece into place (no copy)."""
+        """Move the shard's one piece (all of it: `assemble` was told `sole`) into place
+        instead of copying it, if both are local. A piece already gone while the shard is
+        there was moved by an earlier try of this task (one a dead worker took down)."""
         piece = parts[0][0]
         if len(parts) > 1 or ":" in piece or ":" in path:  # an fsspec URL: a copy anyway
             return False
+        if not os.path.exists(piece) and os.path.exists(path):
+            return True
         for source, target in zip(
             [piece, *self.companions(piece)], [path, *self.companions(path)], strict=True
         ):
