@@ -198,12 +198,12 @@ def pipeline_job(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         # ShardAssembler.finish: the engine has the last partition's records (sharded
-        # sinks only); ShardedSink.assemble and _rows (reading the pieces): in this
+        # sinks only); ShardedSink.assemble and _piece_rows (reading the pieces): in this
         # process on the threads backend only
         with (
             calls(ShardAssembler, "finish", tree_clock) as last_partition,
             calls(ShardedSink, "assemble", thread_clock) as assembled,
-            calls(ShardedSink, "_rows", thread_clock) as read,
+            calls(ShardedSink, "_piece_rows", thread_clock) as read,
         ):
             report = run(RunRequest(config, overrides=spec.get("set", [])), on_progress)
     except FirstRecords:

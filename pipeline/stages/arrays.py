@@ -11,6 +11,7 @@ or an array from `to_array`; every item must have `shape` (put a `resize` with
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import numpy as np
 from pydantic import Field, PositiveInt
@@ -71,7 +72,8 @@ class Arrays(ShardedSink[ArraysOptions]):
     def row_bytes(self, row: Row) -> int:
         return row[1].nbytes
 
-    def write_shard(self, target: AtomicFile, rows: list[Row]) -> None:
+    def write_shard(self, target: AtomicFile, rows: Iterable[Row]) -> None:
+        rows = list(rows)  # stacked: all in memory
         np.save(target.file, np.stack([array for _, array in rows]), allow_pickle=False)
         keys = json.dumps([key for key, _ in rows]).encode()
         write_output(keys_path(target.path), keys)

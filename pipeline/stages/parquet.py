@@ -11,6 +11,7 @@ names the source field stored as `caption`. `write_shard(read_shard(path))` writ
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PositiveInt
@@ -92,11 +93,11 @@ class Parquet(ShardedSink[ParquetOptions]):
 
         return (*super().write_errors(), pa.ArrowException)  # e.g. text for an int32 column
 
-    def write_shard(self, target: AtomicFile, rows: list[Row]) -> None:
+    def write_shard(self, target: AtomicFile, rows: Iterable[Row]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq  # imported by the jobs that write parquet only
 
-        table = pa.Table.from_pylist(rows, schema=schema())
+        table = pa.Table.from_pylist(list(rows), schema=schema())
         pq.write_table(
             table,
             target.file,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+from collections.abc import Iterable
 
 from pipeline.records import Item
 from pipeline.stages.registry import register
@@ -93,7 +94,7 @@ class WebDataset(ShardedSink[WebDatasetOptions]):
     def write_errors(self) -> tuple[type[Exception], ...]:
         return (*super().write_errors(), tarfile.TarError)
 
-    def write_shard(self, target: AtomicFile, rows: list[Sample]) -> None:
+    def write_shard(self, target: AtomicFile, rows: Iterable[Sample]) -> None:
         extension = EXTENSIONS[self.options.format]
         with tarfile.open(fileobj=target.file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row in rows:

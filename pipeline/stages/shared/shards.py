@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, PositiveInt
@@ -148,12 +149,15 @@ class ShardedSink(Sink[ShardOptionsT]):
             raise output_error(exc, path) from None
         return size
 
-    def _rows(self, parts: list[PiecePart]) -> list[Any]:
-        rows: list[Any] = []
+    def _rows(self, parts: list[PiecePart]) -> Iterator[Any]:
+        """The shard's rows, read one piece at a time: a kind whose `write_shard` streams
+        (a tar) holds one piece in memory, not the whole shard."""
         for piece, positions in parts:
-            found = self.read_shard(piece)
-            rows += [found[position] for position in positions]
-        return rows
+            yield from self._piece_rows(piece, positions)
+
+    def _piece_rows(self, piece: str, positions: list[int]) -> list[Any]:
+        found = self.read_shard(piece)
+        return [found[position] for position in positions]
 
     def _moved_whole(self, path: str, parts: list[PiecePart]) -> bool:
         """Move the shard's one piece (all of it: `assemble` was told `sole`) into place
@@ -228,7 +232,8 @@ class ShardedSink(Sink[ShardOptionsT]):
         """About the bytes a row takes in a shard (what `shard_bytes` counts)."""
         raise NotImplementedError
 
-    def write_shard(self, target: AtomicFile, rows: list[Any]) -> None:
+    def write_shard(self, target: AtomicFile, rows: Iterable[Any]) -> None:
+        """Write `rows` (iterated once) into `target`."""
         raise NotImplementedError
 
     def read_shard(self, path: str) -> list[Any]:
