@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +22,23 @@ from tests.test_backends import JOB, outputs, records
 ITEMS = 40
 
 
+def served_list(folder: Path, count: int, latency: float, size: tuple[int, int]) -> Iterator[Path]:
+    """A list of `count` distinct JPEGs of `size`, served with `latency` per request, in
+    `folder`; yielded while the server runs (a fixture's body: `yield from`)."""
+    with TestServer(latency=latency) as server:
+        urls = [
+            server.add_bytes(f"/slow/{i}.jpg", jpeg_bytes(photo(*size, seed=i)))
+            for i in range(count)
+        ]
+        path = folder / "urls.txt"
+        path.write_text("\n".join(urls) + "\n")
+        yield path
+
+
 @pytest.fixture(scope="module")
 def slow_urls(tmp_path_factory):
     """A URL list served with 0.3 s latency per request: a run takes seconds."""
-    with TestServer(latency=0.3) as server:
-        urls = [
-            server.add_bytes(f"/slow/{i}.jpg", jpeg_bytes(photo(120, 90, seed=i)))
-            for i in range(ITEMS)
-        ]
-        path = tmp_path_factory.mktemp("slow") / "urls.txt"
-        path.write_text("\n".join(urls) + "\n")
-        yield path
+    yield from served_list(tmp_path_factory.mktemp("slow"), ITEMS, 0.3, (120, 90))
 
 
 def start_run(config: Path, *args: str) -> subprocess.Popen:

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 
 from pipeline.execution.runner import RunRequest, run
 from pipeline.testing.images import jpeg_bytes, photo
-from pipeline.testing.server import TestServer
 from tests.stage_jobs import records
-from tests.test_crash_resume import start_run, wait_for
+from tests.test_crash_resume import served_list, start_run, wait_for
 
 ITEMS = 2000
 
@@ -165,14 +164,7 @@ stages:
 @pytest.fixture(scope="module")
 def slow_listing(tmp_path_factory):
     """URLs served with 50 ms of latency each: a run takes a few seconds."""
-    with TestServer(latency=0.05) as server:
-        urls = [
-            server.add_bytes(f"/c/{i}.jpg", jpeg_bytes(photo(24, 18, seed=i)))
-            for i in range(CRASH_ITEMS)
-        ]
-        path = tmp_path_factory.mktemp("crash") / "urls.txt"
-        path.write_text("\n".join(urls) + "\n")
-        yield path
+    yield from served_list(tmp_path_factory.mktemp("crash"), CRASH_ITEMS, 0.05, (24, 18))
 
 
 def done_shards(run_dir: Path) -> int:
