@@ -76,7 +76,9 @@ def test_a_cluster_client_keeps_no_finished_partition(plan):
     execute(
         plan, backend, map(missing_files, range(40)), lambda records: None, note_live_partitions
     )
-    assert len(alive) <= backend.max_in_flight  # at most what may be in flight; was all 40
+    # at most what may be in flight, and one finished whose release the client has yet to
+    # process (seen under CI load); was all 40
+    assert len(alive) <= backend.max_in_flight + 1
 
 
 def test_a_fatal_partition_does_not_lose_the_records_of_those_done_with_it(plan):
