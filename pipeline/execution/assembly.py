@@ -128,11 +128,14 @@ class ShardAssembler:
         return bool(self.sinks)
 
     def track(self, parts: Iterable[Partition]) -> Iterator[Partition]:
+        """`parts`, noting their keys as they are submitted: the run's order."""
         for partition in parts:
             self.order.extend(item.key for item in partition.items)
             yield partition
 
     def add(self, records: list[Record]) -> None:
+        """A finished partition's records: cut the samples of every record now in order
+        into shards; release at once those with no sample to wait for."""
         for record in records:
             self.arrived[record["key"]] = record
             for sink in self._samples_of(record):
@@ -152,6 +155,7 @@ class ShardAssembler:
             self.release(free)
 
     def finish(self) -> None:
+        """No partition is left: each sink's samples not yet cut become its last shard."""
         for name, cut in self.cuts.items():
             if cut.samples:
                 self._cut(name)
@@ -165,6 +169,8 @@ class ShardAssembler:
         return [sink for sink in record.get("shards", {}) if sink in self.sinks]
 
     def _take(self, name: str, record: Record) -> None:
+        """Add the record's sample to the sink's open shard, cutting it first if the
+        sample would take it past `shard_bytes`, and after if it is full."""
         where = record["shards"][name]
         sample = PieceSample(record, where["path"], where["position"], where["bytes"])
         options = self.sinks[name].options
