@@ -69,16 +69,24 @@ def remove_garbage(plan: Plan, manifest: Manifest) -> None:
     """Delete what a stopped run or compaction left: shards never committed (or compacted
     away), and every piece. Only with the lock held, before any task runs."""
     sinks = sharded_sinks(plan)
-    garbage = manifest.garbage_shards()
-    for path in garbage:
-        remove_output(path)
-        for sink in sinks.values():
-            sink.remove(path)  # its summary and companions, whichever kind wrote it
-    manifest.forget_shards(garbage)
+    removed = remove_shards(manifest, sinks, "writing", "obsolete")
     for sink in sinks.values():
         _remove_pieces(join(sink.folder, PIECES))
-    if garbage:
-        log.info("removed %d shards an interrupted run or compaction left", len(garbage))
+    if removed:
+        log.info("removed %d shards an interrupted run or compaction left", removed)
+
+
+def remove_shards(manifest: Manifest, sinks: dict[str, ShardedSink], *states: str) -> int:
+    """Delete the shards in `states` (each with its summary and companions, by the sink
+    that wrote it; only the file if that sink is gone) and forget them; how many."""
+    found = manifest.shard_sinks(*states)
+    for path, sink in found.items():
+        if sink in sinks:
+            sinks[sink].remove(path)
+        else:
+            remove_output(path)
+    manifest.forget_shards(found)
+    return len(found)
 
 
 def _remove_pieces(folder: str) -> None:

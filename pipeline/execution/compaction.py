@@ -42,7 +42,13 @@ from pydantic import ValidationError
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, PipelineError, RunIncompleteError
-from pipeline.execution.assembly import PieceSample, point_at_shard, remove_garbage, sharded_sinks
+from pipeline.execution.assembly import (
+    PieceSample,
+    point_at_shard,
+    remove_garbage,
+    remove_shards,
+    sharded_sinks,
+)
 from pipeline.plan import Plan
 from pipeline.plan.dag import StageNode
 from pipeline.records import JobContext, Record
@@ -121,7 +127,7 @@ def compact(run_dir: Path, sink: str | None = None) -> list[Compacted]:
         remove_garbage(plan, manifest)
         done = [compact_sink(name, sinks[name], manifest, index) for name in names]
         repoint_records(run_dir, manifest, index)
-        delete_obsolete(manifest, sinks)
+        remove_shards(manifest, sinks, "obsolete")
     return done
 
 
@@ -412,12 +418,3 @@ def _parsed(line: str) -> Record | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) and "key" in record else None
-
-
-def delete_obsolete(manifest: Manifest, sinks: dict[str, ShardedSink]) -> None:
-    """Delete the shards compaction emptied (files, summaries, companions) and their rows."""
-    obsolete = manifest.shard_sinks("obsolete")
-    for path, sink in obsolete.items():
-        if sink in sinks:
-            sinks[sink].remove(path)
-    manifest.forget_shards([path for path, sink in obsolete.items() if sink in sinks])

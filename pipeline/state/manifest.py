@@ -25,7 +25,7 @@ own compaction, dedup and index to do the same.
 
 A shard's `sinks` rows commit with it, before the rest of its items' records (which wait
 for every shard they are in): an item whose shard is done is never written to another
-one, whatever happens next. A `writing` or `obsolete` shard's file is garbage (`cleanup`).
+one, whatever happens next. A `writing` or `obsolete` shard's file is garbage (`remove_garbage`).
 
 `attempt` is the fingerprint of the sinks the last attempt ran, so a failure
 is retried when the config it failed under changed. A per-connection TEMP
@@ -222,7 +222,7 @@ class Manifest:
         return Entry(*row, sinks=sinks)
 
     def begin_shard(self, sink: str, path: str, run_id: str) -> None:
-        """Note a shard about to be written: garbage (`cleanup`) unless `commit_shard`."""
+        """Note a shard about to be written: garbage unless `commit_shard` follows."""
         with self._transaction():  # a done shard of the same name (--full) stays done
             self.db.execute(
                 "INSERT INTO shards VALUES (?, ?, 'writing', NULL, NULL, ?)"
@@ -313,11 +313,6 @@ class Manifest:
         """Every sharded sink a run recorded: name -> (kind, options)."""
         rows = self.db.execute("SELECT sink, kind, options FROM sharded_sinks ORDER BY sink")
         return {sink: (kind, json.loads(options)) for sink, kind, options in rows}
-
-    def garbage_shards(self) -> list[str]:
-        """Shards whose files must go: never committed (`writing`), or compacted away."""
-        rows = self.db.execute("SELECT path FROM shards WHERE state IN ('writing', 'obsolete')")
-        return [path for (path,) in rows]
 
     def forget_shards(self, paths: Iterable[str]) -> None:
         with self._transaction():
