@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
 
@@ -35,7 +35,7 @@ from pipeline.execution.worker import compiled
 from pipeline.logs import logger
 from pipeline.plan import Plan
 from pipeline.records import Item, Partition, Record
-from pipeline.stages.shared.shards import PIECES, PiecePart, ShardedSink
+from pipeline.stages.shared.shards import PIECES, PiecePart, ShardCut, ShardedSink
 from pipeline.state.lineage import sink_fingerprints
 from pipeline.state.manifest import Manifest, Shard
 from pipeline.storage import join, remove_output, split_fs
@@ -106,14 +106,6 @@ class PieceSample:
     bytes: int
 
 
-@dataclass
-class _Cut:
-    """The samples of one sink not yet in a shard, in the run's order."""
-
-    samples: list[PieceSample] = field(default_factory=list)
-    bytes: int = 0
-
-
 class ShardAssembler:
     """Cuts the run's samples into shards, has them assembled, releases their records."""
 
@@ -125,7 +117,7 @@ class ShardAssembler:
         manifest.note_sharded_sinks(self.sinks)  # what `pipeline compact` rebuilds
         self.order: deque[str] = deque()  # keys of submitted items, not yet cut
         self.arrived: dict[str, Record] = {}
-        self.cuts = {name: _Cut() for name in self.sinks}
+        self.cuts = {name: ShardCut[PieceSample](sink.options) for name, sink in self.sinks.items()}
         self.piece_left: Counter[str] = Counter()  # samples of a piece not yet in a shard
         self.piece_rows: Counter[str] = Counter()  # samples of a piece in all
         self.piece_readers: Counter[str] = Counter()  # shard tasks to read it, not done
@@ -165,8 +157,8 @@ class ShardAssembler:
     def finish(self) -> None:
         """No partition is left: each sink's samples not yet cut become its last shard."""
         for name, cut in self.cuts.items():
-            if cut.samples:
-                self._cut(name)
+            if cut.open:
+                self._cut(name, cut.close())
 
     def tasks(self) -> list[SideTask]:
         queued, self.queued = self.queued, []
@@ -177,23 +169,14 @@ class ShardAssembler:
         return [sink for sink in record.get("shards", {}) if sink in self.sinks]
 
     def _take(self, name: str, record: Record) -> None:
-        """Add the record's sample to the sink's open shard, cutting it first if the
-        sample would take it past `shard_bytes`, and after if it is full."""
+        """Add the record's sample to the sink's open shard; cut the shards it closes."""
         where = record["shards"][name]
         sample = PieceSample(record, where["path"], where["position"], where["bytes"])
-        options = self.sinks[name].options
-        cut = self.cuts[name]
-        if cut.samples and options.shard_bytes and cut.bytes + sample.bytes > options.shard_bytes:
-            self._cut(name)
-            cut = self.cuts[name]
-        cut.samples.append(sample)
-        cut.bytes += sample.bytes
-        if len(cut.samples) >= options.shard_size:
-            self._cut(name)
+        for samples in self.cuts[name].add(sample, sample.bytes):
+            self._cut(name, samples)
 
-    def _cut(self, name: str) -> None:
-        """The sink's samples so far become one shard: noted, then queued for a task."""
-        samples, self.cuts[name] = self.cuts[name].samples, _Cut()
+    def _cut(self, name: str, samples: list[PieceSample]) -> None:
+        """`samples` of the sink become one shard: noted, then queued for a task."""
         keys = [sample.record["key"] for sample in samples]
         path = self.sinks[name].shard_path(keys)
         parts = [

@@ -53,7 +53,7 @@ from pipeline.plan import Plan
 from pipeline.plan.dag import StageNode
 from pipeline.records import JobContext, Record
 from pipeline.stages.registry import stage_kinds
-from pipeline.stages.shared.shards import PiecePart, ShardedSink, ShardOptions
+from pipeline.stages.shared.shards import PiecePart, ShardCut, ShardedSink, ShardOptions
 from pipeline.state.history import new_run_id, read_history
 from pipeline.state.lock import RunLock
 from pipeline.state.manifest import Manifest, Shard, ShardRow
@@ -241,22 +241,11 @@ def read_rows(sink: ShardedSink, path: str) -> list[Any]:
 
 
 def cut(samples: list[Sample], options: ShardOptions) -> list[list[Sample]]:
-    """Samples cut into shards as a run cuts them: a shard ends at `shard_size` samples,
-    or before the sample that would take it over `shard_bytes`."""
-    groups: list[list[Sample]] = []
-    group: list[Sample] = []
-    size = 0
-    limit = options.shard_bytes
-    for sample in samples:
-        if group and limit and size + sample.bytes > limit:
-            groups.append(group)
-            group, size = [], 0
-        group.append(sample)
-        size += sample.bytes
-        if len(group) >= options.shard_size:
-            groups.append(group)
-            group, size = [], 0
-    return [*groups, group] if group else groups
+    """Samples cut into shards as a run cuts them (`ShardCut`), the last maybe smaller."""
+    shards = ShardCut[Sample](options)
+    groups = [group for sample in samples for group in shards.add(sample, sample.bytes)]
+    last = shards.close()
+    return [*groups, last] if last else groups
 
 
 def _last_groups(found: Found, groups: list[list[Sample]]) -> dict[int | None, list[str]]:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import Field, PositiveInt
 
@@ -65,6 +65,36 @@ class ShardOptions(Options):
         "at shard_size samples or before shard_bytes, whichever comes first",
     )
     prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$", description="Shard file name prefix")
+
+
+SampleT = TypeVar("SampleT")
+
+
+class ShardCut(Generic[SampleT]):
+    """Samples cut into shards in order, as every sharded sink cuts them: a shard ends at
+    `shard_size` samples, or before the sample that would take it past `shard_bytes`."""
+
+    def __init__(self, options: ShardOptions):
+        self.options = options
+        self.open: list[SampleT] = []
+        self.bytes = 0
+
+    def add(self, sample: SampleT, size: int) -> list[list[SampleT]]:
+        """Add a sample of `size` bytes; the shards that closed (none, one or two)."""
+        closed = []
+        limit = self.options.shard_bytes
+        if self.open and limit and self.bytes + size > limit:
+            closed.append(self.close())
+        self.open.append(sample)
+        self.bytes += size
+        if len(self.open) >= self.options.shard_size:
+            closed.append(self.close())
+        return closed
+
+    def close(self) -> list[SampleT]:
+        """The open shard's samples (maybe none); the next shard starts empty."""
+        samples, self.open, self.bytes = self.open, [], 0
+        return samples
 
 
 ShardOptionsT = TypeVar("ShardOptionsT", bound=ShardOptions)
