@@ -207,19 +207,22 @@ class Manifest:
 
     def lookup(self, key: str) -> Entry | None:
         """What the manifest knows of `key`: its last record and the sinks it is done for
-        (status `incomplete`: done in a shard, its record not committed yet)."""
+        (status `incomplete`: done in a shard, its record not committed yet). One query."""
+        rows = self.db.execute(
+            "SELECT i.status, i.reason, i.attempt, i.run_id, s.sink, s.fingerprint, s.outputs"
+            " FROM (SELECT ? AS key) AS k LEFT JOIN items AS i ON i.key = k.key"
+            " LEFT JOIN sinks AS s ON s.key = k.key",
+            (key,),
+        ).fetchall()
         sinks = {
             sink: (fingerprint, json.loads(outputs))
-            for sink, fingerprint, outputs in self.db.execute(
-                "SELECT sink, fingerprint, outputs FROM sinks WHERE key = ?", (key,)
-            )
+            for *_, sink, fingerprint, outputs in rows
+            if sink is not None
         }
-        row = self.db.execute(
-            "SELECT status, reason, attempt, run_id FROM items WHERE key = ?", (key,)
-        ).fetchone()
-        if row is None:
+        status, reason, attempt, run_id = rows[0][:4]
+        if status is None:
             return Entry("incomplete", None, "", "an earlier run", sinks) if sinks else None
-        return Entry(*row, sinks=sinks)
+        return Entry(status, reason, attempt, run_id, sinks=sinks)
 
     def begin_shard(self, sink: str, path: str, run_id: str) -> None:
         """Note a shard about to be written: garbage unless `commit_shard` follows."""
