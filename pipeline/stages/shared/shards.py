@@ -109,7 +109,7 @@ class ShardedSink(Sink[ShardOptionsT]):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.pending: list[tuple[Item, Any]] = []
+        self.pending: list[tuple[Item, Any, int]] = []  # item, row, the row's bytes
         self.pending_bytes = 0
 
     @property
@@ -123,8 +123,9 @@ class ShardedSink(Sink[ShardOptionsT]):
 
     def process(self, item: Item) -> Item:
         row = self.row(item)
-        self.pending.append((item, row))
-        self.pending_bytes += self.row_bytes(row)
+        size = self.row_bytes(row)
+        self.pending.append((item, row, size))
+        self.pending_bytes += size
         limit = self.options.shard_bytes
         if len(self.pending) >= self.options.shard_size or (limit and self.pending_bytes >= limit):
             self.flush()
@@ -147,10 +148,10 @@ class ShardedSink(Sink[ShardOptionsT]):
         the whole piece, never to the one item whose arrival triggered the write.
         """
         pending, self.pending, self.pending_bytes = self.pending, [], 0
-        items = [item for item, _ in pending]
+        items = [item for item, _, _ in pending]
         try:
             path = self.shard_path([item.key for item in items], join(self.folder, PIECES))
-            self.write_atomically(path, [row for _, row in pending])
+            self.write_atomically(path, [row for _, row, _ in pending])
         except PipelineError:
             raise
         except Exception as exc:
@@ -158,9 +159,9 @@ class ShardedSink(Sink[ShardOptionsT]):
             for item in items:
                 item.fail(self.name, error)
             return
-        for position, (item, row) in enumerate(pending):
+        for position, (item, _, size) in enumerate(pending):
             self.add_output(item, path)
-            sample = {"path": path, "position": position, "bytes": self.row_bytes(row)}
+            sample = {"path": path, "position": position, "bytes": size}
             item.record.setdefault("shards", {})[self.name] = sample
 
     def assemble(self, path: str, keys: list[str], parts: list[PiecePart], sole: bool) -> int:
