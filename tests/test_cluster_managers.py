@@ -163,16 +163,21 @@ def test_a_cluster_is_closed_when_the_run_fails(urls, tmp_path):
     assert backend.cluster.status.name == "closed"
 
 
+def empty_cluster(wait_for_workers: str) -> str:
+    """A backend block: a LocalCluster that never has a worker (jobs that stay queued)."""
+    return (
+        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
+        f"    kwargs: {LOCAL}, n_workers: 0}}\n"
+        f"    scale: 0\n    wait_for_workers: {wait_for_workers}\n"
+    )
+
+
 def test_no_worker_ever_stops_the_run_after_the_timeout_saying_so(
     urls, tmp_path, caplog, monkeypatch
 ):
     """A cluster with 0 workers (jobs that stay pending): the run waits, logs, gives up."""
     monkeypatch.setattr(DistributedBackend, "poll_interval", 0.3)
-    backend_block = (
-        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
-        f"    kwargs: {LOCAL}, n_workers: 0}}\n"
-        "    scale: 0\n    wait_for_workers: {timeout: 1.5}\n"
-    )
+    backend_block = empty_cluster("{timeout: 1.5}")
     config = tmp_path / "empty.yaml"
     config.write_text(job_with_backend(tmp_path / "out", urls, backend_block))
     plan = load_plan(config)
@@ -656,11 +661,7 @@ def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
 def test_workers_that_never_come_at_start_stop_the_run_and_close_the_cluster(urls, tmp_path):
     """wait_for_workers at start (batch jobs that stay queued): one clear error, and the
     cluster is closed although `with backend` was never entered."""
-    block = (
-        "backend:\n  cluster:\n    class: distributed.LocalCluster\n"
-        f"    kwargs: {LOCAL}, n_workers: 0}}\n"
-        "    scale: 0\n    wait_for_workers: {n: 1, timeout: 1}\n"
-    )
+    block = empty_cluster("{n: 1, timeout: 1}")
     config = tmp_path / "never.yaml"
     config.write_text(job_with_backend(tmp_path / "out", urls, block))
     plan = load_plan(config)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import logs
-from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.execution.compaction import Sample, compact, cut
 from pipeline.execution.runner import RunRequest, run
@@ -24,6 +22,7 @@ from pipeline.stages.shared.shards import ShardOptions
 from pipeline.state.manifest import Manifest
 from tests.conftest import REPO
 from tests.stage_jobs import records, run_job, write_photos
+from tests.test_lock import cli
 
 JOB = """
 files: {{kind: files, path: {src}}}
@@ -42,16 +41,6 @@ def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     write_photos(folder, 14)
     return sorted(folder.iterdir())
-
-
-def cli(*argv: str) -> int:
-    """`python -m pipeline ARGV` in this process, its console log handler removed after."""
-    try:
-        return main(list(argv))
-    finally:
-        root = logs.logger()
-        for handler in [h for h in root.handlers if getattr(h, "_pipeline_console", False)]:
-            root.removeHandler(handler)
 
 
 class Job:
