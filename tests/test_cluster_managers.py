@@ -658,6 +658,55 @@ def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
         assert time.monotonic() - began < 0.5
 
 
+def _sequential_requests(count: int, concurrency: int) -> int:
+    """In a dask task: `count` requests to one host from `concurrency` threads; the most
+    in flight at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.stages.shared.host_slots import host_slots
+
+    slots, active, peak, lock = host_slots((2, None)), [0], [0], threading.Lock()
+
+    def request(_: int) -> None:
+        with slots.hold("h"):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.002)
+            with lock:
+                active[0] -= 1
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(request, range(count)))
+    return peak[0]
+
+
+def test_a_dask_worker_reuses_its_per_host_leases_and_gives_them_back_when_idle():
+    """A request on a cluster asks the scheduler for a lease only when its worker holds
+    no spare one, and leases nobody uses go back after LEASE_LINGER."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.stages.shared.host_slots import LEASE_LINGER
+
+    name = "pipeline-per-host-leaserun-h"
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        semaphores = cluster.scheduler.extensions["semaphores"]
+        peak = client.submit(_sequential_requests, 200, 4, key="partition-0-leaserun").result()
+        assert peak == 2  # the limit, used and never passed
+        assert semaphores.metrics["acquire_total"][name] == 2  # not 200
+        deadline = time.monotonic() + 10 * LEASE_LINGER
+        while semaphores.leases[name] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not semaphores.leases[name]  # unused: given back
+        client.submit(_sequential_requests, 10, 1, key="partition-1-leaserun").result()
+        assert semaphores.metrics["acquire_total"][name] == 3  # asked again, once
+
+
 def test_workers_that_never_come_at_start_stop_the_run_and_close_the_cluster(urls, tmp_path):
     """wait_for_workers at start (batch jobs that stay queued): one clear error, and the
     cluster is closed although `with backend` was never entered."""

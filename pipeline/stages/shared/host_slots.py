@@ -205,15 +205,64 @@ def join_host_slot_server(address: str) -> None:
 # --- a dask cluster: semaphores on the scheduler -----------------------------------------
 
 RATE_BURST = 0.1  # seconds of per_host_rate that may start at once on a cluster
+LEASE_HOLD = 2.0  # seconds a worker reuses a per_host lease before it goes back to the scheduler
+LEASE_LINGER = 0.5  # seconds after which a worker gives back the leases it has not needed
+PAUSE_POLL = 0.05  # seconds a worker trusts its copy of the run's pauses
+
+
+class _Leases:
+    """One host's `per_host` leases on one worker: when each spare one was taken from the
+    scheduler (`spare`), how many requests hold one (`busy`, at most `peak` since the last
+    trim), and whether a request is asking the scheduler for one (`asking`)."""
+
+    __slots__ = ("asking", "busy", "freed", "peak", "spare")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.spare: list[float] = []  # monotonic
+        self.busy = self.peak = 0
+        self.asking = False
+        self.freed = threading.Condition(lock)
+
+    def use(self, taken: float) -> float:
+        self.busy += 1
+        self.peak = max(self.peak, self.busy)
+        return taken
+
+    def unneeded(self) -> list[float]:
+        """The spare leases beyond the most in use at once since the last call."""
+        count = max(0, len(self.spare) + self.busy - self.peak)  # < 0: one went back
+        self.spare.sort()
+        gone, self.spare = self.spare[:count], self.spare[count:]
+        self.peak = self.busy
+        return gone
+
+    def wait_turn(self, limit: int) -> None:
+        """Until a lease is spare, or this request may ask the scheduler for one: no other
+        request asks, and this worker holds fewer than `limit` (with the lock held)."""
+        self.freed.wait_for(
+            lambda: self.spare or (not self.asking and self.busy + len(self.spare) < limit)
+        )
+
+    def idle(self) -> bool:
+        return not (self.spare or self.busy or self.asking)
 
 
 class ClusterHostSlots:
-    """The same limits for a whole run on a dask cluster, shared by every worker. Per
-    host: `per_host` is a `distributed.Semaphore` of `limit` leases; `rate` is a second
-    one, of rate x RATE_BURST leases (at least one), each held for leases/rate seconds
-    from its request's start (at most `rate` starts a second, in bursts of 0.1 s); a
-    pause is the time until which the host asked to wait, kept on the scheduler
-    (`set_metadata`), read before each request.
+    """The same limits for a whole run on a dask cluster, shared by every worker.
+
+    - `per_host` is a `distributed.Semaphore` of `limit` leases per host. A worker reuses
+      the leases its requests took, for LEASE_HOLD seconds each, with no round trip to the
+      scheduler: a request takes a spare one, or waits for one while a single request of
+      this worker asks the scheduler for a new one. A lease older than LEASE_HOLD goes
+      back when its request ends (so another worker waits at most that long), and every
+      LEASE_LINGER seconds the leases beyond the most in use at once meanwhile go back.
+    - `rate` is a second semaphore, of rate x RATE_BURST leases (at least one), each held
+      for leases/rate seconds from its request's start (at most `rate` starts a second,
+      in bursts of 0.1 s).
+    - A pause is the time until which a host asked to wait, kept on the scheduler for all
+      the run's hosts (`set_metadata`). A worker reads them at most every PAUSE_POLL
+      seconds, so one worker's 429 holds back every worker's requests within that time.
+
     All are named by run and host. Made in a task's thread: it binds the worker's
     scheduler connection and event loop (the download threads have no worker context)."""
 
@@ -221,6 +270,11 @@ class ClusterHostSlots:
         self.limit, self.rate, self.run = limit, rate, run
         self._scheduler, self._loop = scheduler, loop
         self._semaphores: dict[str, Any] = {}
+        self._leases: dict[str, _Leases] = {}
+        self._trimming = False
+        self._pauses: dict[str, float] = {}  # host: epoch seconds it asked to wait until
+        self._pauses_read = -PAUSE_POLL  # monotonic: when they were last read
+        self._reading_pauses = False
         self._lock = threading.Lock()
 
     def loop_closed(self) -> bool:
@@ -243,6 +297,9 @@ class ClusterHostSlots:
                 )
             return self._semaphores[name]
 
+    def _per_host(self, host: str) -> Any:
+        return self._semaphore(host, "per-host", self.limit)
+
     @contextlib.contextmanager
     def hold(self, host: str) -> Iterator[None]:
         rated, held = None, 0.0
@@ -252,8 +309,7 @@ class ClusterHostSlots:
             rated.acquire()
         started = False
         try:
-            semaphore = self._semaphore(host, "per-host", self.limit)
-            semaphore.acquire()
+            taken = self._take(host)
             try:
                 self._wait_pause(host)  # last: a pause set while this one queued holds it
                 started = True
@@ -263,28 +319,115 @@ class ClusterHostSlots:
                     timer.start()
                 yield
             finally:
-                semaphore.release()
+                self._give(host, taken)
         finally:
             if rated is not None and not started:  # no request started: its lease goes back
                 rated.release()
 
-    def _pause_key(self, host: str) -> list[str]:
-        return ["pipeline", self.run, "pause", host]
+    # --- per_host leases ---
+
+    def _take(self, host: str) -> float:
+        """A lease for one request (when it was taken from the scheduler): a spare one of
+        this worker's, else a new one. One request at a time asks the scheduler, none
+        while this worker holds them all, and the asking one looks for a spare lease
+        again every LEASE_LINGER seconds."""
+        while True:
+            with self._lock:
+                leases = self._leases.setdefault(host, _Leases(self._lock))
+                leases.wait_turn(self.limit)
+                if leases.spare:
+                    return leases.use(leases.spare.pop())
+                leases.asking = True
+            try:
+                got = self._per_host(host).acquire(timeout=LEASE_LINGER)
+            finally:
+                with self._lock:
+                    leases.asking = False
+                    leases.freed.notify()  # the next waiting request may ask
+            if got:
+                with self._lock:
+                    self._start_trimming()
+                    return leases.use(time.monotonic())
+
+    def _start_trimming(self) -> None:
+        if not self._trimming:
+            self._trimming = True
+            threading.Thread(target=self._trim, name="host-leases", daemon=True).start()
+
+    def _give(self, host: str, taken: float) -> None:
+        """A request is done: its lease is spare for LEASE_HOLD, then goes back."""
+        with self._lock:
+            leases = self._leases[host]
+            leases.busy -= 1
+            kept = time.monotonic() - taken < LEASE_HOLD
+            if kept:
+                leases.spare.append(taken)
+            leases.freed.notify()  # a spare lease, or room to ask for one
+        if not kept:
+            self._per_host(host).release()
+
+    def _trim(self) -> None:
+        """Every LEASE_LINGER seconds, give back the leases beyond the most in use at once
+        meanwhile; ends once this worker holds none."""
+        while True:
+            time.sleep(LEASE_LINGER)
+            with self._lock:
+                unneeded = {host: leases.unneeded() for host, leases in self._leases.items()}
+                for host in [host for host, leases in self._leases.items() if leases.idle()]:
+                    del self._leases[host]
+                self._trimming = bool(self._leases)
+            with contextlib.suppress(RuntimeError):  # the worker's loop closed: it has gone,
+                for host, gone in unneeded.items():  # and the scheduler times its leases out
+                    for _ in gone:
+                        self._per_host(host).release()
+            if not self._trimming:
+                return
+
+    # --- pauses ---
+
+    def _pause_key(self, host: str | None = None) -> list[str]:
+        return ["pipeline", self.run, "pauses", *([host] if host else [])]
 
     def _wait_pause(self, host: str) -> None:
+        wait = self._read_pauses().get(host, 0.0) - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _read_pauses(self) -> dict[str, float]:
+        """The run's pauses, read from the scheduler if this worker's copy is older than
+        PAUSE_POLL (by one thread at a time: the others use the copy meanwhile)."""
         from distributed.utils import sync
 
-        until = sync(
-            self._loop, self._scheduler.get_metadata, keys=self._pause_key(host), default=None
-        )
-        if until and until > time.time():
-            time.sleep(until - time.time())
+        with self._lock:
+            if self._reading_pauses or time.monotonic() - self._pauses_read < PAUSE_POLL:
+                return self._pauses
+            self._reading_pauses = True
+        try:
+            read = sync(
+                self._loop, self._scheduler.get_metadata, keys=self._pause_key(), default={}
+            )
+        finally:
+            with self._lock:
+                self._reading_pauses = False
+        with self._lock:
+            self._pauses = _later(self._pauses, read or {})
+            self._pauses_read = time.monotonic()
+            return self._pauses
 
     def pause(self, host: str, seconds: float) -> None:
         from distributed.utils import sync
 
         until = time.time() + seconds
+        with self._lock:
+            self._pauses = _later(self._pauses, {host: until})
         sync(self._loop, self._scheduler.set_metadata, keys=self._pause_key(host), value=until)
+
+
+def _later(pauses: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    """Both sets of pauses, each host's later one, without those already over."""
+    now = time.time()
+    merged = {host: max(until, pauses.get(host, until)) for host, until in more.items()}
+    return {host: until for host, until in {**pauses, **merged}.items() if until > now}
 
 
 CLUSTER_SLOTS_KEPT = 4  # runs whose slots a worker process keeps (a run uses one or two)
