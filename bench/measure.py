@@ -271,29 +271,31 @@ def _steady(progress: list[tuple[float, int, float]]) -> dict[str, float]:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement, in a folder of its own under the bench's scratch folder. The
+    folder stays until the bench ends (`bench.run` removes the scratch folder at exit):
+    on ext4 without a journal, as here, creating a file costs up to 5x more CPU in the
+    half minute after many files were deleted (`recently_deleted` in the kernel's inode
+    allocator), so deleting one row's 2,000 outputs would tax the next row's writes."""
     kind = spec["kind"]
-    with tempfile.TemporaryDirectory(dir=spec["scratch"]) as folder:
-        scratch = Path(folder)
-        if kind == "ceiling":
-            corpus = [Path(path).read_bytes() for path in read_lines(spec["files"])]
-            corpus *= spec.get("repeat", 1)  # the same bytes again, as the URL list repeats
-            return timed(lambda: {"images": references.ceiling(corpus, spec["workers"])})
-        if kind == "tutorial":
-            urls = read_lines(spec["urls"])
-            return timed(
-                lambda: {"images": references.tutorial(urls, scratch / "out", spec["workers"])}
-            )
-        if kind == "img2dataset":
-            python, urls, workers = spec["python"], spec["urls"], spec["workers"]
-            return timed(lambda: img2dataset_row.download(python, urls, scratch / "out", workers))
-        if kind == "download":
-            urls = read_lines(spec["urls"])
-            reuse = spec.get("reuse", True)
-            return timed(
-                lambda: {"images": len(urls), "bytes": references.download_only(urls, reuse)}
-            )
-        if kind == "pipeline":
-            return {**timed(lambda: pipeline_job(spec, scratch)), **sink_files(spec, scratch)}
+    scratch = Path(tempfile.mkdtemp(dir=spec["scratch"]))
+    if kind == "ceiling":
+        corpus = [Path(path).read_bytes() for path in read_lines(spec["files"])]
+        corpus *= spec.get("repeat", 1)  # the same bytes again, as the URL list repeats
+        return timed(lambda: {"images": references.ceiling(corpus, spec["workers"])})
+    if kind == "tutorial":
+        urls = read_lines(spec["urls"])
+        return timed(
+            lambda: {"images": references.tutorial(urls, scratch / "out", spec["workers"])}
+        )
+    if kind == "img2dataset":
+        python, urls, workers = spec["python"], spec["urls"], spec["workers"]
+        return timed(lambda: img2dataset_row.download(python, urls, scratch / "out", workers))
+    if kind == "download":
+        urls = read_lines(spec["urls"])
+        reuse = spec.get("reuse", True)
+        return timed(lambda: {"images": len(urls), "bytes": references.download_only(urls, reuse)})
+    if kind == "pipeline":
+        return {**timed(lambda: pipeline_job(spec, scratch)), **sink_files(spec, scratch)}
     raise ValueError(f"unknown measurement kind {kind!r}")
 
 
