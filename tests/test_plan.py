@@ -122,3 +122,38 @@ def test_plan_and_state_import_no_execution_and_state_no_stages():
         assert "pipeline.execution" not in imported(path), path
     for path in (package / "state").glob("*.py"):
         assert "pipeline.stages" not in imported(path), path
+
+
+LAZY_PROBE = """
+import sys
+from pipeline.execution.runner import load_plan
+
+load_plan("configs/thumbnails.yaml", sys.argv[1:]).compile()
+loaded = {name.rsplit(".", 1)[-1] for name in sys.modules if name.startswith("pipeline.stages.")}
+print(sorted({"orientation", "parquet", "phash", "webdataset"} & loaded), "numpy" in sys.modules)
+"""
+
+
+def loaded_by_plan(*overrides: str) -> str:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    found = subprocess.run(
+        [sys.executable, "-c", LAZY_PROBE, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return found.stdout.strip() or found.stderr
+
+
+def test_a_plan_imports_only_the_kinds_its_config_names():
+    """A kind in the module named after it is imported alone (and numpy only for kinds
+    that need it); `rotate`, which shares `orientation` with `flip`, is found by
+    importing every kind module."""
+    assert loaded_by_plan() == "[] False"
+    turned = loaded_by_plan("stages.turn={kind: rotate, input: thumb, angle: 90}")
+    assert turned == "['orientation', 'parquet', 'phash', 'webdataset'] True"

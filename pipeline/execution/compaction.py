@@ -52,7 +52,7 @@ from pipeline.execution.assembly import (
 from pipeline.plan import Plan
 from pipeline.plan.dag import StageNode
 from pipeline.records import JobContext, Record
-from pipeline.stages.registry import stage_kinds
+from pipeline.stages.registry import stage_kind
 from pipeline.stages.shared.shards import PiecePart, ShardCut, ShardedSink, ShardOptions
 from pipeline.state.history import new_run_id, read_history
 from pipeline.state.lock import RunLock
@@ -159,7 +159,7 @@ def _as_runs_spell(run_dir: Path) -> str:
 
 def _node(name: str, kind: str, options: dict[str, Any]) -> StageNode:
     try:
-        validated = stage_kinds()[kind].Options.model_validate(options)
+        validated = stage_kind(kind).Options.model_validate(options)
     except (KeyError, ValidationError) as exc:
         raise ConfigError(f"cannot rebuild sink {name} ({kind}) from the manifest: {exc}") from None
     return StageNode(name, kind, "sink", (), validated)

@@ -33,7 +33,7 @@ from pipeline.execution.engine import execute, plan_partitions
 from pipeline.execution.worker import compiled
 from pipeline.plan import Plan
 from pipeline.records import Partition, Record, SourceItem
-from pipeline.stages.registry import stage_kinds
+from pipeline.stages.registry import stage_kind
 from pipeline.stages.shared.reducing import Index, Reducer
 from pipeline.state.lineage import sink_fingerprints
 from pipeline.state.manifest import Manifest
@@ -56,7 +56,7 @@ def first_pass_plan(plan: Plan, names: list[str]) -> Plan:
     nodes = []
     for node in cut.nodes:
         if node.name in names:
-            kind = stage_kinds()[node.kind]
+            kind = stage_kind(node.kind)
             assert issubclass(kind, Reducer)
             node = replace(node, options=kind.first_pass_options(node.options))
         nodes.append(node)

@@ -27,7 +27,7 @@ from pipeline.config.model import suggest, validate_model
 from pipeline.errors import ConfigError
 from pipeline.records import JobContext, Partition
 from pipeline.stages.base import Source, Stage
-from pipeline.stages.registry import stage_kinds
+from pipeline.stages.registry import stage_kind, stage_kinds
 from pipeline.stages.shared.reducing import Conclusion, Reducer
 from pipeline.storage import output_folder
 
@@ -126,8 +126,7 @@ class Plan:
     @cached_property
     def reducers(self) -> tuple[str, ...]:
         """The reducing stages (see `pipeline.stages.shared.reducing`), in plan order."""
-        kinds = stage_kinds()
-        return tuple(node.name for node in self.nodes if issubclass(kinds[node.kind], Reducer))
+        return tuple(node.name for node in self.nodes if issubclass(stage_kind(node.kind), Reducer))
 
     def is_output(self, name: str) -> bool:
         """A stage whose result a run keeps: a sink, or a reducer (its result is the
@@ -153,7 +152,7 @@ class Plan:
 
     def instantiate(self, node: StageNode) -> Stage:
         """A live stage object for `node`."""
-        return stage_kinds()[node.kind](node.name, node.options, self.job)
+        return stage_kind(node.kind)(node.name, node.options, self.job)
 
     def compile(self) -> dict[str, Stage]:
         """Instantiate every stage and tell each about its neighbours, consumers first: a
@@ -214,20 +213,20 @@ def _stage_nodes(
     """Each stage validated against its kind: the nodes that are valid, and the problems."""
     nodes: dict[str, StageNode] = {}
     problems: list[str] = []
-    kinds = stage_kinds()
     for name, spec in stages.items():
         loc = ("stages", name)
-        if spec.kind not in kinds:
+        try:
+            cls = stage_kind(spec.kind)
+        except KeyError:
+            known = sorted(stage_kinds())
             problems.append(
                 doc.problem(
-                    (*loc, "kind"),
-                    f"unknown stage kind '{spec.kind}'{suggest(spec.kind, sorted(kinds))}",
+                    (*loc, "kind"), f"unknown stage kind '{spec.kind}'{suggest(spec.kind, known)}"
                 )
             )
             continue
         if spec.input is not None and spec.inputs is not None:
             problems.append(doc.problem(loc, "give either 'input' or 'inputs', not both"))
-        cls = kinds[spec.kind]
         options, option_problems = validate_model(doc, cls.Options, spec.options, loc)
         problems += option_problems
         if options is not None:

@@ -16,7 +16,6 @@ import contextlib
 import io
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image, ImageOps
 from pydantic import Field, field_validator
 
@@ -186,6 +185,8 @@ def normalize(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    import numpy as np  # here: only 16-bit and float images need it
+
     array = np.asarray(image, dtype=np.float64)
     top = 65535.0 if image.mode != "F" else max(float(array.max()), 1.0)
     scaled = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)

@@ -1,8 +1,15 @@
-"""Stage kinds register here by name; every module in `pipeline.stages` is loaded once."""
+"""Stage kinds register here by name.
+
+A kind's module is imported when a config first names it: `pipeline.stages.<kind>` if
+there is one (a kind lives in the module named after it), else every module in
+`pipeline.stages` (kinds that share a module, and the list of all kinds). A run then
+imports only the kinds its config uses (and their libraries: numpy, pyarrow, ...).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 from collections.abc import Callable
@@ -34,7 +41,25 @@ def stage_kinds() -> dict[str, type[Stage]]:
     return STAGE_KINDS
 
 
+def stage_kind(kind: str) -> type[Stage]:
+    """The class registered as `kind`; KeyError if no module of this package has one."""
+    if os.environ.get(FAULTS):  # tests: every kind loaded, and patched, at once
+        _load_all()
+    elif kind not in STAGE_KINDS:
+        _load_module_named(kind)
+    if kind not in STAGE_KINDS:
+        _load_all()
+    return STAGE_KINDS[kind]
+
+
+def _load_module_named(kind: str) -> None:
+    name = f"{__package__}.{kind}"
+    if kind.isidentifier() and importlib.util.find_spec(name) is not None:
+        importlib.import_module(name)
+
+
 _loaded = False
+FAULTS = "PIPELINE_FAULTS"  # see pipeline.testing.faults: it patches every kind at once
 
 
 def stage_modules() -> list[str]:
@@ -50,6 +75,6 @@ def _load_all() -> None:
         return
     for name in stage_modules():
         importlib.import_module(name)
-    if os.environ.get("PIPELINE_FAULTS"):  # tests only: make chosen kinds raise on chosen items
+    if os.environ.get(FAULTS):  # tests only: make chosen kinds raise on chosen items
         importlib.import_module("pipeline.testing.faults").activate()
     _loaded = True
