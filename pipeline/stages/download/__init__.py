@@ -12,6 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ItemError
@@ -19,7 +20,7 @@ from pipeline.records import Item, Record
 from pipeline.stages.base import Step
 from pipeline.stages.download.fsspec_io import read_fsspec
 from pipeline.stages.download.hashes import digests, verify
-from pipeline.stages.download.http import fetcher_for
+from pipeline.stages.download.http import HttpFetcher, fetcher_for
 from pipeline.stages.download.local import read_local
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.registry import register
@@ -77,11 +78,16 @@ class Download(Step[DownloadOptions]):
         if scheme not in self.options.allow_schemes:
             raise ItemError("blocked_scheme", f"scheme {scheme!r} is not in allow_schemes")
         if scheme in ("http", "https"):
-            return fetcher_for(self.options).fetch(url, record)
+            return self.http.fetch(url, record)
         record["attempts"] = 1
         if scheme == "file":
             return read_local(local_path(url), self.options.max_bytes, self.options.local_root)
         return read_fsspec(url, self.options.max_bytes)
+
+    @cached_property
+    def http(self) -> HttpFetcher:
+        """This process's fetcher for these options (found once, not per item)."""
+        return fetcher_for(self.options)
 
     def stream(self, items: Iterable[Item]) -> Iterator[Item]:
         """Keep `concurrency` downloads in flight; yield results in input order."""
