@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError, RunIncompleteError
 from pipeline.logs import logger
 from pipeline.plan import Plan
 from pipeline.records import Partition
-from pipeline.stages.registry import stage_modules
+from pipeline.stages.registry import loaded_stage_modules
 from pipeline.stages.shared.host_slots import HostSlotServer, join_host_slot_server
 
 if TYPE_CHECKING:
@@ -227,12 +227,14 @@ UNSET_FOR_WORKERS = frozenset({"MALLOC_TRIM_THRESHOLD_"})
 
 def preloaded_forkserver(*extra: str) -> multiprocessing.context.BaseContext:
     """The forkserver context, its server started (once per process) with the worker
-    code and every stage module imported, plus `extra` modules; children it forks
-    start with all of them loaded. A server already running keeps its own modules."""
+    code and the stage modules this process has loaded (the kinds of the plans it has
+    read) imported, plus `extra` modules; children it forks start with all of them
+    loaded. A server already running keeps its own modules: a later plan's other kinds
+    are imported by each worker that runs them."""
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([*WORKER_MODULES, *stage_modules(), *extra])
+    context.set_forkserver_preload([*WORKER_MODULES, *loaded_stage_modules(), *extra])
     forkserver.ensure_running()
     return context
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -67,6 +68,11 @@ def stage_modules() -> list[str]:
     import pipeline.stages as package
 
     return [module.name for module in pkgutil.walk_packages(package.__path__, "pipeline.stages.")]
+
+
+def loaded_stage_modules() -> list[str]:
+    """The modules of this package imported so far: those of the kinds plans named."""
+    return sorted(name for name in sys.modules if name.startswith(f"{__package__}."))
 
 
 def _load_all() -> None:
