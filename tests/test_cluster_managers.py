@@ -607,15 +607,18 @@ def test_per_host_holds_for_the_whole_run_on_the_local_backends_too(tmp_path, ba
 
 
 def test_a_worker_process_that_dies_gives_its_host_slots_back():
-    """A pool process killed mid-request leaks no slot: its connection closing releases."""
-    from pipeline.stages.shared.host_slots import HostSlotServer, SharedHostSlots
+    """A pool process killed mid-request leaks no lease: its last connection closing
+    gives back what it held, whichever of its threads took or released it."""
+    from pipeline.stages.shared.host_slots import HostSlotServer, PoolHostSlots
 
     with HostSlotServer() as keeper:
-        dying = socket.socket(socket.AF_UNIX)
-        dying.connect(keeper.address)
-        dying.sendall(b'["acquire", 1, null, "h"]\n')
-        assert dying.makefile("rb").readline() == b"ok\n"
-        slots = SharedHostSlots(keeper.address, (1, None))
+        dying = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        for sock in dying:  # two threads of one process, pid 1
+            sock.connect(keeper.address)
+            sock.sendall(b'["worker", 1]\n')
+        dying[0].sendall(b'["take", 1, null, "h", 5]\n')
+        assert dying[0].makefile("rb").readline() == b"true\n"
+        slots = PoolHostSlots(keeper.address, (1, None))
 
         def request() -> None:
             with slots.hold("h"):
@@ -624,10 +627,36 @@ def test_a_worker_process_that_dies_gives_its_host_slots_back():
         waiting = threading.Thread(target=request)
         waiting.start()
         waiting.join(0.3)
-        assert waiting.is_alive()  # the one slot is held
-        dying.close()
+        assert waiting.is_alive()  # the one lease is held
+        dying[0].close()
+        waiting.join(0.6)
+        assert waiting.is_alive()  # the process still has a connection: still held
+        dying[1].close()
         waiting.join(5)
         assert not waiting.is_alive()  # given back when its holder went
+
+
+def test_pool_processes_reuse_their_leases_and_give_them_back_when_idle():
+    """A pool process asks its parent for a lease only when it holds no spare one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.stages.shared.host_slots import LEASE_LINGER, HostSlotServer, PoolHostSlots
+
+    with HostSlotServer() as keeper:
+        asked = []
+        slots = PoolHostSlots(keeper.address, (2, None))
+        ask = slots._ask
+        slots._ask = lambda host, timeout: asked.append(host) or ask(host, timeout)  # type: ignore[method-assign]
+
+        def request(_: int) -> None:
+            with slots.hold("h"):
+                time.sleep(0.002)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(request, range(200)))
+        assert len(asked) == 2  # not 200
+        time.sleep(3 * LEASE_LINGER)
+        assert keeper.slots((2, None))._busy == {}  # unused: given back
 
 
 def test_local_host_slots_space_starts_by_rate_and_pause_for_every_thread():
