@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import platform
@@ -124,14 +125,21 @@ def ensure_parent(path: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-def _file_mode() -> int:
-    """0666 less this process's umask: the mode `open()` would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+_temp_names = itertools.count()
 
 
-FILE_MODE = _file_mode()
+def new_temp_file(folder: str) -> tuple[int, str]:
+    """A new, empty temp file in `folder`, open for writing, with the mode `open()` gives
+    (0666 less the umask): its descriptor and path. Named by pid and a counter, created
+    exclusively (O_EXCL: never an existing file, nor through a symlink)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        name = f"{TEMP_PREFIX}{os.getpid()}-{next(_temp_names)}{TEMP_SUFFIX}"
+        path = os.path.join(folder, name)
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # a killed run's, under the same pid: the next name
+            continue
 
 
 class AtomicFile:
@@ -149,8 +157,7 @@ class AtomicFile:
             folder = os.path.dirname(self._target) or "."
             if self._batch is not None:
                 self._batch.watch(folder)
-            fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
+            fd, self._tmp = new_temp_file(folder)
             self.file: IO[bytes] = os.fdopen(fd, "wb")
         else:
             self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by commit or abort)
@@ -219,13 +226,17 @@ class DurableBatch:
     def __init__(self) -> None:
         self._renames: deque[tuple[str, str]] = deque()  # (finished temp file, final name)
         self._filesystems: dict[int, int] = {}  # device -> descriptor of a folder on it
+        self._watched: set[str] = set()  # folders whose filesystem is held
 
     def watch(self, folder: str) -> None:
         """Hold a descriptor on `folder`'s filesystem from before anything is written to
         it: syncfs reports the write-back errors seen since that descriptor was opened."""
+        if folder in self._watched:
+            return
         device = os.stat(folder).st_dev
         if device not in self._filesystems:
             self._filesystems[device] = os.open(folder, os.O_RDONLY)
+        self._watched.add(folder)
 
     def add(self, temp: str, target: str) -> None:
         self._renames.append((temp, target))
@@ -297,10 +308,14 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 def write_output(path: str, data: bytes) -> None:
-    """`atomic_write` into a created folder, with errors mapped by `output_error`."""
+    """`atomic_write`, creating its folder if it is missing (found by trying: no `stat`
+    per output), with errors mapped by `output_error`."""
     try:
-        ensure_parent(path)
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except FileNotFoundError:
+            ensure_parent(path)
+            atomic_write(path, data)
     except OSError as exc:
         raise output_error(exc, path) from None
 

@@ -103,3 +103,17 @@ def test_a_failed_block_flushes_nothing_and_leaves_no_temp_file(tmp_path, flushe
         raise KeyError("boom")
     assert flushes == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_folder_is_made_and_a_leftover_temp_name_skipped(tmp_path):
+    """Outputs find a missing folder by trying (no stat per file) and make it; a temp
+    file a killed run left under the same name is never reused or overwritten."""
+    fd, first = outputs.new_temp_file(str(tmp_path))
+    os.close(fd)
+    number = int(first.rsplit("-", 1)[1].removesuffix(outputs.TEMP_SUFFIX))
+    leftover = tmp_path / f"{outputs.TEMP_PREFIX}{os.getpid()}-{number + 1}{outputs.TEMP_SUFFIX}"
+    leftover.write_bytes(b"a killed run's")  # the very next name this process would take
+    with durable_batch():
+        outputs.write_output(str(tmp_path / "new" / "deeper" / "a.jpg"), b"data")
+    assert (tmp_path / "new" / "deeper" / "a.jpg").read_bytes() == b"data"
+    assert leftover.read_bytes() == b"a killed run's"
