@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from pipeline.errors import ConfigError, RunIncompleteError
+from pipeline.errors import ConfigError, ItemError, RunIncompleteError
 from pipeline.execution.runner import RunRequest, run
 from pipeline.records import JobContext
 from pipeline.stages.http_json import HttpJson, HttpJsonOptions, origin
@@ -343,6 +343,7 @@ LATER_PAGE_FAILURES = {
     "not_json": (misbehave.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n<html>"), {}),
     "slow": (slow(5.0), {"timeout": 0.5}),
     "drip": (misbehave.drip_body(b'{"items": []}' + b" " * 200, 0.05), {"timeout": 0.5}),
+    "drip_headers": (misbehave.drip_headers(b'{"items": []}', 0.2), {"timeout": 0.5}),
     "http_500": (misbehave.status(500), {}),
     "http_404": (misbehave.status(404), {}),
     "reset": (misbehave.reset(), {}),
@@ -353,6 +354,7 @@ LATER_PAGE_FAILURES = {
     "endless": (misbehave.endless_body(b" " * 65536), {"max_page_bytes": 1000}),
 }
 REASON = {"not_json": "invalid_input", "slow": "timeout", "drip": "timeout"}
+REASON |= {"drip_headers": "timeout"}
 REASON |= {"http_500": "http_5xx", "http_404": "http_4xx", "reset": "connection_error"}
 REASON |= {"declared_too_large": "too_large", "endless": "too_large"}
 
@@ -465,3 +467,15 @@ def test_a_relative_link_is_relative_to_its_page_never_a_local_path(tmp_path):
     ]
     assert (found[2]["url"], found[2]["reason"]) == (server.url("/etc/passwd"), "http_4xx")
     assert_no_secret(tmp_path)
+
+
+def test_a_retry_waits_the_backoff_or_the_servers_retry_after_up_to_a_cap():
+    """A hostile API's `Retry-After: 100000` does not put the batch to sleep for a day."""
+    from pipeline.stages.http_json import BACKOFF, RETRY_AFTER_MAX, _Retryable
+
+    error = ItemError("http_4xx", "HTTP 429")
+    assert _Retryable(error).delay(0) == 0.0
+    assert _Retryable(error).delay(2) == BACKOFF * 4
+    assert _Retryable(error, "3").delay(0) == 3.0
+    assert _Retryable(error, "100000").delay(0) == RETRY_AFTER_MAX
+    assert _Retryable(error, "not a time").delay(1) == BACKOFF * 2

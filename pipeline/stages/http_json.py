@@ -25,6 +25,7 @@ earlier pages go on. Messages never show headers or query strings (they hold sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from pipeline.errors import ItemError, RunIncompleteError
 from pipeline.records import SourceItem, jsonable
 from pipeline.stages.base import Source
 from pipeline.stages.registry import register
+from pipeline.stages.shared.deadline import Deadline, watched_pool_manager
 from pipeline.stages.shared.urls import url_scheme, url_text
 
 CHUNK = 64 * 1024
@@ -79,7 +81,7 @@ class HttpJsonOptions(Options):
         return self
 
     timeout: PositiveFloat = Field(
-        30.0, description="Seconds per request: for each read, and for a page's whole body"
+        30.0, description="Seconds per attempt at a page: its answer, headers and body in all"
     )
     retries: NonNegativeInt = Field(3, description="Retries on connection errors, 429 and 5xx")
     max_page_bytes: PositiveInt = Field(
@@ -192,6 +194,44 @@ def read_body(response: urllib3.BaseHTTPResponse, cap: int, seconds: float) -> b
     return b"".join(chunks)
 
 
+RETRIED = frozenset({"connection_error", "timeout"})  # and RETRIED_STATUSES
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKOFF = 0.5  # a retry waits BACKOFF x 2**n seconds (none before the first)
+RETRY_AFTER_MAX = 60.0  # the longest Retry-After a page's server is given, in seconds
+MAX_REDIRECTS = 10
+
+
+class _Retryable(Exception):
+    """A failed attempt worth another: its error, and the wait the server asked for."""
+
+    def __init__(self, error: ItemError, retry_after: str | None = None):
+        super().__init__(error.message)
+        self.error, self.retry_after = error, retry_after
+
+    def delay(self, attempt: int) -> float:
+        """Seconds before retry `attempt + 1`: the backoff, or the Retry-After (capped)."""
+        asked = 0.0
+        with contextlib.suppress(urllib3.exceptions.InvalidHeader):  # not a time: ignored
+            asked = urllib3.Retry().parse_retry_after(self.retry_after or "0")
+        backoff = BACKOFF * 2**attempt if attempt else 0.0  # urllib3's: 0, 1, 2, 4 s ...
+        return max(backoff, min(asked, RETRY_AFTER_MAX))
+
+
+def _on_page(failure: Exception, url: str) -> Exception:
+    """The failure with its message naming the page (without query string: secrets)."""
+    error = failure.error if isinstance(failure, _Retryable) else failure
+    assert isinstance(error, ItemError)
+    named = ItemError(error.reason, f"GET {_where(url)}: {error.message}")
+    if isinstance(failure, _Retryable):
+        failure.error = named
+        return failure
+    return named
+
+
+# Pages are read through connections whose socket the attempt's deadline may cut.
+POOL = watched_pool_manager()
+
+
 @register("http_json")
 class HttpJson(Source[HttpJsonOptions]):
     """Image links from a paginated JSON API."""
@@ -278,39 +318,65 @@ class HttpJson(Source[HttpJsonOptions]):
         return resolved
 
     def fetch(self, url: str, params: dict[str, Any]) -> Any:
-        """The JSON answer of a GET; ItemError (a reason, a message without secrets)."""
-        try:
-            response = self.request(url, params)
+        """The JSON answer of a GET, tried again after a connection error, a timeout, a
+        429 or a 5xx (`retries` times, backing off, a Retry-After honoured up to
+        RETRY_AFTER_MAX); ItemError (a reason, a message without secrets)."""
+        attempt = 0
+        while True:
             try:
-                return self.answer(response)
-            finally:
-                response.close()  # a body left unread (an error, too large) ends the connection
-        except urllib3.exceptions.HTTPError as error:
-            reason, detail = _failure(error)
-        except ItemError as error:
-            reason, detail = error.reason, error.message
-        raise ItemError(reason, f"GET {_where(url)}: {detail}")
+                return self.attempt(url, params)
+            except _Retryable as failure:
+                if attempt >= self.options.retries:
+                    raise failure.error from None
+                time.sleep(failure.delay(attempt))
+            attempt += 1
+
+    def attempt(self, url: str, params: dict[str, Any]) -> Any:
+        """One GET, its answer and body within `timeout` seconds in all (a server that
+        drips its headers is cut off too); _Retryable if it is worth another."""
+        with Deadline(self.options.timeout) as deadline:
+            try:
+                response = self.request(url, params)
+                try:
+                    document = self.answer(response)
+                finally:
+                    response.close()  # a body left unread (an error, too large) ends it
+                if not deadline.expired:
+                    return document
+                failure: Exception = _Retryable(self._timed_out())
+            except urllib3.exceptions.HTTPError as error:
+                reason, detail = _failure(error)
+                failed = self._timed_out() if deadline.expired else ItemError(reason, detail)
+                failure = _Retryable(failed) if failed.reason in RETRIED else failed
+            except (ItemError, _Retryable) as error:
+                failure = _Retryable(self._timed_out()) if deadline.expired else error
+        raise _on_page(failure, url)
+
+    def _timed_out(self) -> ItemError:
+        return ItemError("timeout", f"no whole answer within {self.options.timeout} s")
 
     def request(self, url: str, params: dict[str, Any]) -> urllib3.BaseHTTPResponse:
         """The response's head; its body is left to read (it may be too large)."""
-        retry = urllib3.Retry(
-            total=self.options.retries,
-            backoff_factor=0.5,
-            status_forcelist=(429, 500, 502, 503, 504),
-            raise_on_status=False,  # the last answer says what failed
-            # a redirect to another host gets none of the configured headers (secrets)
-            remove_headers_on_redirect=[
-                *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
-                *self.options.headers,
-            ],
-        )
-        return urllib3.request(
+        return POOL.request(
             "GET",
             url,
             fields={k: str(v) for k, v in params.items()},
             headers=self.options.headers,
             timeout=self.options.timeout,
-            retries=retry,
+            retries=urllib3.Retry(
+                total=None,
+                connect=0,
+                read=0,
+                status=0,
+                other=0,
+                redirect=MAX_REDIRECTS,
+                raise_on_redirect=True,
+                # a redirect to another host gets none of the configured headers (secrets)
+                remove_headers_on_redirect=[
+                    *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
+                    *self.options.headers,
+                ],
+            ),
             preload_content=False,
         )
 
@@ -318,7 +384,10 @@ class HttpJson(Source[HttpJsonOptions]):
         """The decoded JSON of a 200 answer; ItemError for any other."""
         if response.status != 200:
             text = response.read(200).decode("utf-8", "replace")
-            raise ItemError(_status_reason(response.status), f"HTTP {response.status}: {text}")
+            error = ItemError(_status_reason(response.status), f"HTTP {response.status}: {text}")
+            if response.status in RETRIED_STATUSES:
+                raise _Retryable(error, response.headers.get("Retry-After"))
+            raise error
         body = read_body(response, self.options.max_page_bytes, self.options.timeout)
         try:
             return json.loads(body)

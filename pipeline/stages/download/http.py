@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -30,7 +29,6 @@ from urllib3.exceptions import (
 
 from pipeline.errors import ItemError
 from pipeline.records import Record
-from pipeline.stages.download.deadline import Deadline, watch_current, within_deadline
 from pipeline.stages.download.options import DownloadOptions
 from pipeline.stages.download.policy import (
     AddressPolicy,
@@ -40,6 +38,7 @@ from pipeline.stages.download.policy import (
     parse_retry_after,
 )
 from pipeline.stages.download.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsNeeded
+from pipeline.stages.shared.deadline import Deadline, Watched, within_deadline
 from pipeline.stages.shared.host_slots import thread_slots
 
 CHUNK = 64 * 1024
@@ -55,7 +54,7 @@ class RetryableError(Exception):
         self.retry_after = retry_after
 
 
-class _Guarded:
+class _Guarded(Watched):
     """Mixin for urllib3 connections: policy-checked connect, deadline-watched socket."""
 
     policy: AddressPolicy = AddressPolicy()
@@ -83,10 +82,6 @@ class _Guarded:
             sock.close()
             raise BlockedAddress(f"{self.host} connected to {peer}, which is not allowed")
         return sock
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        super().request(*args, **kwargs)  # type: ignore[misc]  # mixin, as above
-        watch_current(self.sock)
 
 
 class GuardedHTTPConnection(_Guarded, HTTPConnection):

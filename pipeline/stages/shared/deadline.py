@@ -1,4 +1,4 @@
-"""A total time limit per download attempt, enforced by shutting sockets down.
+"""A total time limit per HTTP attempt, enforced by shutting sockets down.
 
 Socket timeouts bound each `recv`, not a whole response: a server that sends
 one byte per second never trips them. A `Deadline` is entered around an
@@ -6,7 +6,8 @@ attempt; connections register their sockets with the current deadline, and
 one watchdog thread per process shuts those sockets down when it expires, so
 the blocked read returns at once and the attempt fails as a timeout. A DNS
 lookup has no socket to cut: `within_deadline` runs it in a thread of its own and
-stops waiting for it when the deadline expires.
+stops waiting for it when the deadline expires. `Watched` is the urllib3 connection
+mixin that registers each request's socket.
 """
 
 from __future__ import annotations
@@ -66,6 +67,36 @@ class Deadline:
         with self._lock:
             self._finished = True
             self._sockets.clear()
+
+
+class Watched:
+    """Mixin for a urllib3 connection: the socket each request goes out on is cut when
+    the deadline entered around it (this thread's) expires."""
+
+    sock: socket.socket | None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]  # mixin: super() is HTTPConnection
+        watch_current(self.sock)
+
+
+def watched_pool_manager(**kwargs: Any) -> Any:
+    """A urllib3 PoolManager whose http and https connections are `Watched`."""
+    import urllib3
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    manager = urllib3.PoolManager(**kwargs)
+    manager.pool_classes_by_scheme = {
+        "http": _pool_of(HTTPConnectionPool, HTTPConnection),
+        "https": _pool_of(HTTPSConnectionPool, HTTPSConnection),
+    }
+    return manager
+
+
+def _pool_of(pool: type, connection: type) -> type:
+    watched = type(connection.__name__, (Watched, connection), {})
+    return type(pool.__name__, (pool,), {"ConnectionCls": watched})
 
 
 def watch_current(sock: socket.socket | None) -> None:
