@@ -340,3 +340,19 @@ def test_a_redirect_into_an_internal_host_stays_blocked_address(rules_server):
         assert internal.hits == {}  # neither its robots.txt nor the image was requested
     finally:
         internal.stop()
+
+
+def test_a_process_keeps_the_verdicts_of_at_most_robots_max_hosts_origins(monkeypatch):
+    """Millions of hosts do not grow memory without bound: the least recently used
+    verdict goes first, and is fetched again if its host comes back."""
+    from pipeline.stages.download import robots
+
+    monkeypatch.setattr(robots, "ROBOTS_MAX_HOSTS", 3)
+    fetched: list[str] = []
+    cache = robots.RobotsCache(lambda url: fetched.append(url) or b"", "bot")
+    for host in ["a", "b", "c", "a", "d"]:  # "a" used again: "b" is the oldest when "d" comes
+        cache.check(f"http://{host}.test/x.jpg")
+    assert len(cache._verdicts) == 3
+    cache.check("http://a.test/y.jpg")
+    cache.check("http://b.test/y.jpg")
+    assert fetched == [f"http://{host}.test:80/robots.txt" for host in "abcdb"]

@@ -16,9 +16,10 @@ The file is fetched through the same guarded client as images (address policy,
 is allowed. A 5xx, 408 or 429, a timeout, a failed connection, a body over the cap
 or a protocol error disallows the whole host (Google treats a failing robots.txt as
 a full disallow for a while); the verdict is cached like any other. Verdicts are
-kept in the process per origin (scheme://host:port) for `ROBOTS_MAX_AGE` seconds:
-one request per host per worker process in a run, a lock per origin so that
-threads wait for the one fetch in flight.
+kept in the process per origin (scheme://host:port) for `ROBOTS_MAX_AGE` seconds,
+for at most `ROBOTS_MAX_HOSTS` origins (the least recently used go first: a list of
+millions of hosts keeps memory bounded): one request per host per worker process in
+a run, a lock per origin so that threads wait for the one fetch in flight.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
@@ -36,6 +38,7 @@ from pipeline.errors import ItemError
 
 ROBOTS_MAX_BYTES = 512 * 1024
 ROBOTS_MAX_AGE = 3600.0  # seconds a verdict is kept in a process
+ROBOTS_MAX_HOSTS = 10_000  # verdicts a process keeps (each holds its robots.txt's rules)
 # Failures of the robots.txt request the item fails with as they are: the image's own
 # request would fail the same way (the host is not allowed, or the URL is unusable).
 PASSED_ON = frozenset({"blocked_address", "blocked_scheme", "invalid_url"})
@@ -165,14 +168,17 @@ class RobotsCache:
         _caches.add(self)
 
     def _reset(self) -> None:
-        self._verdicts: dict[str, tuple[float, Robots]] = {}
+        self._verdicts: OrderedDict[str, tuple[float, Robots]] = OrderedDict()  # oldest use first
         self._fetching: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def cached(self, url: str) -> Robots | None:
         """The verdict for `url`'s host if this process has a fresh one."""
+        key = origin(url)
         with self._lock:
-            found = self._verdicts.get(origin(url))
+            found = self._verdicts.get(key)
+            if found is not None:
+                self._verdicts.move_to_end(key)
         if found is None or time.monotonic() - found[0] > ROBOTS_MAX_AGE:
             return None
         return found[1]
@@ -192,6 +198,9 @@ class RobotsCache:
                 known = verdict_of(lambda: self._fetch(robots_url), robots_url, self.token)
                 with self._lock:
                     self._verdicts[key] = (time.monotonic(), known)
+                    self._verdicts.move_to_end(key)
+                    while len(self._verdicts) > ROBOTS_MAX_HOSTS:
+                        self._verdicts.popitem(last=False)
                     self._fetching.pop(key, None)
         return known
 
