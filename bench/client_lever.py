@@ -21,12 +21,13 @@ seconds, and writes `bench/results/client_lever.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,6 +57,24 @@ stages:
 """
 
 Fetch = Callable[[list[str], int], int]  # (urls, in flight) -> bytes fetched
+
+
+@contextlib.contextmanager
+def child_server(files: list[Path]) -> Iterator[str]:
+    """The bench's loopback server in a child process (its CPU is not this process's),
+    serving `files` under the URL it yields (+ a file's name)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, *map(str, files)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    try:
+        assert server.stdout is not None
+        yield server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
 
 
 def download_stage(folder: Path) -> Fetch:
@@ -165,23 +184,13 @@ def main(argv: list[str] | None = None) -> None:
         ways |= {"pycurl easy": pycurl_easy, "pycurl multi": pycurl_multi}
     else:
         print("pycurl rows skipped: pycurl is not installed (pip install pycurl)")
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, *map(str, files)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE.parent,
-    )
-    try:
-        assert server.stdout is not None
-        base = server.stdout.readline().strip()
+    with child_server(files) as base:
         urls = [base + path.name for path in files]
         expected = sum(path.stat().st_size for path in files)
         found: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
         for _ in range(args.rounds):
             for name, fetch in ways.items():
                 found[name].append(measure(fetch, urls, args.in_flight, expected))
-    finally:
-        server.kill()
     text = report(found, len(urls), args.in_flight)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
