@@ -314,6 +314,27 @@ def test_a_shard_that_cannot_be_assembled_fails_its_samples_then_a_rerun_writes_
     assert len(tar_samples(tmp_path / "out")) == 30
 
 
+def test_items_a_killed_run_put_in_committed_shards_get_their_manifest_row(small_job, tmp_path):
+    """A kill between committing a shard (its samples' sinks rows) and committing the
+    records leaves items done without an `items` row: the next run skips them, as done,
+    and records them ok."""
+    config = small_job()
+    assert run(RunRequest(config=config, backend="threads"))["counts"]["ok"] == 30
+    manifest = tmp_path / "out" / "manifest.sqlite"
+    with sqlite3.connect(manifest) as db:  # the state such a kill leaves
+        lost = [key for (key,) in db.execute("SELECT key FROM items ORDER BY key LIMIT 12")]
+        db.executemany("DELETE FROM items WHERE key = ?", [(key,) for key in lost])
+        sinks_before = db.execute("SELECT * FROM sinks ORDER BY key, sink").fetchall()
+
+    report = run(RunRequest(config=config, backend="threads"))
+    assert report["counts"] == {"ok": 0, "failed": 0, "skipped": 30}
+    with sqlite3.connect(manifest) as db:
+        statuses = dict(db.execute("SELECT key, status FROM items").fetchall())
+        assert db.execute("SELECT * FROM sinks ORDER BY key, sink").fetchall() == sinks_before
+    assert len(statuses) == 30 and set(statuses.values()) == {"ok"}
+    assert len(tar_samples(tmp_path / "out")) == 30
+
+
 # --- any partition size, shard size, byte limit, failures and completion order -----------
 
 

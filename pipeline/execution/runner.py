@@ -327,11 +327,12 @@ class RunContext:
                 self.policy,
                 plan.config.partition_size,
                 on_skipped=add,
+                run_id=self.run_id,
             )
 
             def commit(records: list[Record]) -> None:
                 add(records)
-                incremental.commit(records, self.run_id)
+                incremental.commit(records)
 
             def arrived(records: list[Record]) -> None:  # shown as progress meanwhile
                 self.stats.waiting += len(records)

@@ -106,7 +106,8 @@ def _done(done: tuple[str, list[str]] | None, fingerprint: str) -> bool:
 class Incremental:
     """Turns the source partitions into the partitions still to run.
 
-    Skipped items go straight to `on_skipped`; `attempts` remembers what each
+    Skipped items go straight to `on_skipped` (an item a killed run finished without
+    recording it, its shards committed, gets its `items` row); `attempts` remembers what each
     pending item was sent to do until `commit` records its result.
     """
 
@@ -118,6 +119,7 @@ class Incremental:
         policy: Policy,
         partition_size: int,
         on_skipped: OnRecords,
+        run_id: str,
     ):
         self.manifest = manifest
         self.fingerprints = fingerprints
@@ -125,6 +127,7 @@ class Incremental:
         self.policy = policy
         self.size = partition_size
         self.on_skipped = on_skipped
+        self.run_id = run_id
         self.attempts: dict[str, Attempt] = {}
 
     def pending(self, parts: Iterable[Partition]) -> Iterator[Partition]:
@@ -143,9 +146,9 @@ class Incremental:
                 yield self._partition(index, source, queue)
                 index += 1
 
-    def commit(self, records: list[Record], run_id: str) -> None:
+    def commit(self, records: list[Record]) -> None:
         """Record a finished partition in the manifest, and forget its attempts."""
-        self.manifest.commit(records, self.attempts, run_id)
+        self.manifest.commit(records, self.attempts, self.run_id)
         for record in records:
             del self.attempts[record["key"]]
 
@@ -163,8 +166,9 @@ class Incremental:
         earlier = self.manifest.first_seen(part.items)
         sinks = self.sinks_of_source[part.source]
         fingerprints = {sink: self.fingerprints[sink] for sink in sinks}
-        work, skipped = [], []
+        work, skipped, unrecorded = [], [], []
         for item, first_line in zip(part.items, earlier, strict=True):
+            entry = None
             if first_line is not None:
                 decision: Attempt | Skip = Skip("duplicate", f"same URL as line {first_line}", [])
             else:
@@ -172,8 +176,12 @@ class Incremental:
                 decision = plan_item(entry, fingerprints, self.policy, item.fields)
             if isinstance(decision, Skip):
                 skipped.append(_skipped_record(item, part.source, decision))
+                if entry is not None and entry.status == "incomplete":  # done, not recorded
+                    unrecorded.append((skipped[-1], _attempt(fingerprints, item.fields)))
             else:
                 work.append((item, decision))
+        if unrecorded:
+            self.manifest.note_finished(unrecorded, self.run_id)
         if skipped:
             self.on_skipped(skipped)
         return work

@@ -344,6 +344,20 @@ class Manifest:
                 self._mark_done(record, attempt)
             self._keep(records, attempts)
 
+    def note_finished(self, finished: list[tuple[Record, Attempt]], run_id: str) -> None:
+        """Items a killed run finished but did not record (their shards were committed,
+        so every sink is done): an `items` row, status ok, for each (record, attempt).
+        Their sinks rows and kept values stay as they are."""
+        now = time.time()
+        with self._transaction():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO items VALUES (?, ?, 'ok', NULL, NULL, NULL, ?, ?, ?)",
+                [
+                    (record["key"], clean_text(record["url"]), attempt.fingerprint, run_id, now)
+                    for record, attempt in finished
+                ],
+            )
+
     def _mark_done(self, record: Record, attempt: Attempt) -> None:
         """An ok item is done for every sink it was sent to; a failed one for those that
         wrote (their files now follow the new config), the others keep their old rows."""
