@@ -415,3 +415,36 @@ def test_dedupe_groups_by_the_hash_stage_on_its_own_branch(tmp_path, dhash_stage
         if len(group) > 1
     }
     assert found == from_records
+
+
+MISSING_HASH = """name: dedupe-without-its-hash
+output: {out}
+stages:
+  urls:   {{kind: url_list, path: {urls}}}
+  get:    {{kind: download, input: urls, allow_schemes: [file], hashes: {hashes}}}
+  decode: {{kind: decode, input: get}}
+  same:   {{kind: dedupe, input: decode, by: {by}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("by", "hashes", "needs"),
+    [
+        ("sha256", "[]", "a download above it that computes sha256"),
+        ("phash", "[sha256]", "a phash"),
+    ],
+)
+def test_a_dedupe_without_the_hash_it_groups_by_is_a_config_error(tmp_path, by, hashes, needs):
+    """Not every item failing at run time: the config error names the file, line and key."""
+    from pipeline.errors import ConfigError
+
+    config = tmp_path / "job.yaml"
+    urls = tmp_path / "urls.txt"
+    urls.write_text("a.jpg\n")
+    config.write_text(MISSING_HASH.format(out=tmp_path / "out", urls=urls, by=by, hashes=hashes))
+    with pytest.raises(ConfigError) as raised:
+        prepare(RunRequest(config=config))
+    assert f"{config}:7: stages.same.by: by: {by} needs {needs}" in str(raised.value)
+    fixed = MISSING_HASH.format(out=tmp_path / "out", urls=urls, by="sha256", hashes="[sha256]")
+    config.write_text(fixed)
+    prepare(RunRequest(config=config))  # sha256 computed above it: valid

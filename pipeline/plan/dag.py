@@ -253,7 +253,29 @@ def _check_edges(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
                 problems.append(doc.problem(loc, f"'{name}' is a sink and has no output to read"))
     if nodes and not any(node.role == "source" for node in nodes.values()):
         problems.append(doc.problem(("stages",), "no source stage (e.g. kind: url_list)"))
+    return problems + _upstream_problems(nodes, doc)
+
+
+def _upstream_problems(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
+    """What each stage's kind needs from the stages above it and lacks (`upstream_problems`)."""
+    problems = []
+    for node in nodes.values():
+        above = [(nodes[name].kind, nodes[name].options) for name in _ancestors(node, nodes)]
+        for key, message in stage_kind(node.kind).upstream_problems(node.options, above):
+            problems.append(doc.problem(("stages", node.name, key), message))
     return problems
+
+
+def _ancestors(node: StageNode, nodes: dict[str, StageNode]) -> list[str]:
+    """The stages above `node` (nearest first), among the valid ones; a cycle ends it."""
+    found: list[str] = []
+    frontier = [name for name in node.inputs if name in nodes]
+    while frontier:
+        name = frontier.pop(0)
+        if name not in found and name != node.name:
+            found.append(name)
+            frontier += [above for above in nodes[name].inputs if above in nodes]
+    return found
 
 
 def _topological_order(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:

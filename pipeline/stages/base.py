@@ -22,7 +22,7 @@ a config's options with (and the schema describes).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -51,6 +51,15 @@ class Stage(Generic[OptionsT]):
         self.name = name
         self.options: OptionsT = options
         self.job = job
+
+    @classmethod
+    def upstream_problems(
+        cls, options: AnyOptions, upstream: Sequence[tuple[str, AnyOptions]]
+    ) -> list[tuple[str, str]]:
+        """What a stage of this kind needs from the stages above it (`upstream`: the kind
+        and options of each) and does not find: (option, message) pairs, which the plan
+        reports as config errors at that option. None by default."""
+        return []
 
     def connect(self, consumers: list[Stage]) -> None:
         """Called once the DAG is built with the stages that read this one's output."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -341,6 +341,21 @@ class Dedupe(Reducer[DedupeOptions]):
     description = "Group near-duplicates across the batch by phash distance (tree reduction)"
 
     dropped: dict[str, str] = {}  # main pass with `drop`: a partition's duplicates -> kept
+
+    @classmethod
+    def upstream_problems(
+        cls, options: AnyOptions, upstream: Sequence[tuple[str, AnyOptions]]
+    ) -> list[tuple[str, str]]:
+        """`by: sha256` needs a download above that computes sha256; `by: phash` a phash."""
+        assert isinstance(options, DedupeOptions)
+        if options.by == "sha256":
+            found = any("sha256" in getattr(above, "computed_hashes", ()) for _, above in upstream)
+            needs = "a download above it that computes sha256: add sha256 to its hashes"
+            other = "phash"
+        else:
+            found = any(kind == "phash" for kind, _ in upstream)
+            needs, other = "a phash stage above it (kind: phash)", "sha256 (exact duplicates)"
+        return [] if found else [("by", f"by: {options.by} needs {needs}, or group by: {other}")]
 
     @property
     def fan_in(self) -> int:
