@@ -244,6 +244,44 @@ def _announce(plan: Plan, backend: Backend, on_progress: OnProgress | None) -> N
 
 
 @dataclass
+class _Recorder:
+    """Where a run's records go: results.jsonl, the totals, the reducers and the progress
+    display (`show`), then the manifest (`commit`). A sharded sink's records arrive before
+    their shards are assembled (`arrived`: counted as waiting) and are committed once every
+    shard they are in is (`released`)."""
+
+    results: ResultsWriter
+    stats: RunStats
+    reductions: Reductions
+    on_progress: OnProgress | None
+    incremental: Incremental = field(init=False)
+    shards: ShardAssembler = field(init=False)
+
+    def show(self, records: list[Record]) -> None:
+        self.results.write(records)
+        self.stats.add(records)
+        self.reductions.add(records)
+        self._progress()
+
+    def commit(self, records: list[Record]) -> None:
+        self.show(records)
+        self.incremental.commit(records)
+
+    def arrived(self, records: list[Record]) -> None:
+        self.stats.waiting += len(records)  # shown as progress meanwhile
+        self.shards.add(records)
+        self._progress()
+
+    def released(self, records: list[Record]) -> None:
+        self.stats.waiting -= len(records)
+        self.commit(records)
+
+    def _progress(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.stats)
+
+
+@dataclass
 class RunContext:
     """One run of a plan, inside its run directory's lock: what it runs, where, how
     much of the manifest it trusts, and its running totals."""
@@ -312,46 +350,24 @@ class RunContext:
         reductions = Reductions(self.plan, self.manifest, trust_index=not self.policy.full)
         plan = reductions.first_pass(self.backend)  # when a reducer acts before any write
         with ResultsWriter(plan.config.output) as results:
-
-            def add(records: list[Record]) -> None:
-                results.write(records)
-                self.stats.add(records)
-                reductions.add(records)
-                if self.on_progress:
-                    self.on_progress(self.stats)
-
-            incremental = Incremental(
+            records = _Recorder(results, self.stats, reductions, self.on_progress)
+            records.incremental = Incremental(
                 self.manifest,
                 sink_fingerprints(plan),
                 {source: plan.sinks_below(source) for source in plan.sources},
                 self.policy,
                 plan.config.partition_size,
-                on_skipped=add,
+                on_skipped=records.show,
                 run_id=self.run_id,
             )
-
-            def commit(records: list[Record]) -> None:
-                add(records)
-                incremental.commit(records)
-
-            def arrived(records: list[Record]) -> None:  # shown as progress meanwhile
-                self.stats.waiting += len(records)
-                shards.add(records)
-                if self.on_progress:
-                    self.on_progress(self.stats)
-
-            def released(records: list[Record]) -> None:
-                self.stats.waiting -= len(records)
-                commit(records)
-
             # a sharded sink's records wait for their shards (`execution.assembly`)
-            shards = ShardAssembler(plan, self.manifest, self.run_id, release=released)
-            pending = incremental.pending(plan_partitions(plan))
+            shards = ShardAssembler(plan, self.manifest, self.run_id, release=records.released)
+            records.shards = shards
+            pending = records.incremental.pending(plan_partitions(plan))
             if shards:
                 pending = shards.track(pending)
-            on_records = arrived if shards else commit
-            side = shards if shards else None
-            self._execute_pending(plan, pending, on_records, reductions.run, side)
+            on_records = records.arrived if shards else records.commit
+            self._execute_pending(plan, pending, on_records, reductions.run, shards or None)
         return reductions.results
 
     def _execute_pending(
