@@ -90,29 +90,24 @@ def test_best_rounds_keeps_the_fastest_round_of_each_row():
     ]
 
 
+def bench_module(*args: str) -> None:
+    """Run `python -m bench.<args>` from the repository; it must succeed."""
+    command = [sys.executable, "-m", *args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_client_and_stage_cpu_levers_run_on_a_tiny_corpus(tmp_path):
     """`bench.client_lever` fetches every byte each way (pycurl rows only if installed);
-    `bench.stage_cpu` splits a run's CPU by stage and sums to the whole."""
-    lever = [sys.executable, "-m", "bench.client_lever", "--count", "6", "--rounds", "1"]
-    result = subprocess.run(
-        [*lever, "--out", str(tmp_path / "client.md")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    `bench.stage_cpu` splits a run's CPU by stage, and the client's share."""
+    bench_module(
+        "bench.client_lever", "--count", "6", "--rounds", "1", "--out", str(tmp_path / "client.md")
     )
-    assert result.returncode == 0, result.stderr
     table = (tmp_path / "client.md").read_text()
     assert "| download stage |" in table and "| guarded urllib3 |" in table
-    stages = [sys.executable, "-m", "bench.stage_cpu", "--count", "6", "--backend", "sync"]
-    result = subprocess.run(
-        [*stages, "--out", str(tmp_path / "stages.md")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    bench_module(
+        "bench.stage_cpu", "--count", "6", "--backend", "sync", "--out", str(tmp_path / "stages.md")
     )
-    assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:3] for line in (tmp_path / "stages.md").read_text().splitlines()]
     found = {name.strip(): float(ms) for name, ms in rows[4:]}
     assert set(found) == {"download", "decode", "thumb", "write", "client (no stage)"}
