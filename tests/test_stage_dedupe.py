@@ -448,3 +448,41 @@ def test_a_dedupe_without_the_hash_it_groups_by_is_a_config_error(tmp_path, by, 
     fixed = MISSING_HASH.format(out=tmp_path / "out", urls=urls, by="sha256", hashes="[sha256]")
     config.write_text(fixed)
     prepare(RunRequest(config=config))  # sha256 computed above it: valid
+
+
+class KillsItsWorker(HashSummary):
+    """A summary that kills the process that unpickles it (a worker dying mid-combine)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os._exit, (1,))
+
+
+@pytest.mark.slow
+def test_a_worker_dying_while_summaries_are_combined_does_not_stop_the_run(
+    tmp_path, crafted, monkeypatch
+):
+    """The items are committed when the reduction runs: a dead worker there ends the run
+    with its report and the same groups, the level combined in the client."""
+    folder, _ = crafted
+    summarize = Dedupe.summarize_index  # dedupe keeps an index: summaries come from it
+    killed: list[bool] = []
+
+    def first_kills(self, rows):
+        summary = summarize(self, rows)
+        if not killed:
+            killed.append(True)
+            summary = KillsItsWorker(summary.keys, summary.indices, summary.hashes, summary.labels)
+        return summary
+
+    monkeypatch.setattr(Dedupe, "summarize_index", first_kills)
+    job = """
+        hash: {kind: phash, input: decode}
+        near: {kind: dedupe, input: hash, threshold: 12, fan_in: 2}
+        """
+    report = run_job(tmp_path, decoded_files(folder), job, backend="processes", partition_size=3)
+    assert killed and report["exit_code"] == 0
+    assert report["counts"]["ok"] == FAMILIES * 4 + SINGLES
+    summary = report["reductions"]["near"]
+    assert summary["groups"] == FAMILIES and summary["duplicates"] == FAMILIES * 3

@@ -29,8 +29,9 @@ from itertools import chain
 from typing import Any
 
 from pipeline.execution.backends import Backend
-from pipeline.execution.engine import execute, plan_partitions
+from pipeline.execution.engine import execute, lost_worker, plan_partitions
 from pipeline.execution.worker import compiled
+from pipeline.logs import logger
 from pipeline.plan import Plan
 from pipeline.records import Partition, Record, SourceItem
 from pipeline.stages.registry import stage_kind
@@ -190,10 +191,23 @@ class Reductions:
         level, self.summaries[name] = self.summaries[name], []
         while True:
             chunks = [level[i : i + fan_in] for i in range(0, len(level), fan_in)] or [[]]
-            futures = [executor.submit(combine_task, plan, name, chunk) for chunk in chunks]
-            level = [future.result() for future in futures]
+            level = _combined(executor, plan, name, chunks)
             if len(level) == 1:
                 return level[0]
+
+
+def _combined(executor: Executor, plan: Plan, name: str, chunks: list[list[Any]]) -> list[Any]:
+    """Each chunk combined by a task; if a worker dies meanwhile (a broken pool, a
+    KilledWorker), the level is combined in this process, which holds the summaries: the
+    run's items are committed already, so it ends with its report, not an error."""
+    try:
+        futures = [executor.submit(combine_task, plan, name, chunk) for chunk in chunks]
+        return [future.result() for future in futures]
+    except Exception as exc:
+        if not lost_worker(exc):
+            raise
+        logger().warning("a worker died combining %s's summaries: combining them here", name)
+        return [combine_task(plan, name, chunk) for chunk in chunks]
 
 
 def _executor(executor: Executor | None) -> Executor:
