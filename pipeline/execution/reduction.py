@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import replace
 from itertools import chain
 from typing import Any
 
 from pipeline.execution.backends import Backend
-from pipeline.execution.engine import execute, lost_worker, plan_partitions
+from pipeline.execution.engine import execute, plan_partitions
 from pipeline.execution.worker import compiled
 from pipeline.logs import logger
 from pipeline.plan import Plan
@@ -197,15 +197,18 @@ class Reductions:
 
 
 def _combined(executor: Executor, plan: Plan, name: str, chunks: list[list[Any]]) -> list[Any]:
-    """Each chunk combined by a task; if a worker dies meanwhile (a broken pool, a
-    KilledWorker), the level is combined in this process, which holds the summaries: the
-    run's items are committed already, so it ends with its report, not an error."""
+    """Each chunk combined by a task. If a pool process dies meanwhile (a broken pool),
+    the level is combined in this process, which holds the summaries: the run's items are
+    committed already, so it ends with its report, not an error. A dask KilledWorker is
+    raised as it is: the task itself killed worker after worker (out of memory, likely),
+    and would kill this process too."""
+    futures: list[Future[Any]] = []
     try:
         futures = [executor.submit(combine_task, plan, name, chunk) for chunk in chunks]
         return [future.result() for future in futures]
-    except Exception as exc:
-        if not lost_worker(exc):
-            raise
+    except BrokenExecutor:
+        for future in futures:
+            future.cancel()
         logger().warning("a worker died combining %s's summaries: combining them here", name)
         return [combine_task(plan, name, chunk) for chunk in chunks]
 

@@ -160,6 +160,8 @@ def _failure(error: urllib3.exceptions.HTTPError) -> tuple[str, str]:
     cause = error.reason if isinstance(error, errors.MaxRetryError) else error
     if isinstance(cause, errors.LocationValueError):  # its text shows the URL
         return "invalid_url", "the URL cannot be parsed"
+    if isinstance(cause, errors.DecodeError):  # the server's content coding is broken
+        return "protocol_error", str(cause)
     if isinstance(cause, errors.NewConnectionError):  # a subclass of ConnectTimeoutError
         reason = "connection_error"
     elif isinstance(cause, errors.TimeoutError):
@@ -196,7 +198,8 @@ def read_body(response: urllib3.BaseHTTPResponse, cap: int, seconds: float) -> b
 
 RETRIED = frozenset({"connection_error", "timeout"})  # and RETRIED_STATUSES
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
-BACKOFF = 0.5  # a retry waits BACKOFF x 2**n seconds (none before the first)
+BACKOFF = 0.5  # a retry waits BACKOFF x 2**n seconds (none before the first) ...
+BACKOFF_MAX = 120.0  # ... and at most this long
 RETRY_AFTER_MAX = 60.0  # the longest Retry-After a page's server is given, in seconds
 MAX_REDIRECTS = 10
 
@@ -211,9 +214,9 @@ class _Retryable(Exception):
     def delay(self, attempt: int) -> float:
         """Seconds before retry `attempt + 1`: the backoff, or the Retry-After (capped)."""
         asked = 0.0
-        with contextlib.suppress(urllib3.exceptions.InvalidHeader):  # not a time: ignored
-            asked = urllib3.Retry().parse_retry_after(self.retry_after or "0")
-        backoff = BACKOFF * 2**attempt if attempt else 0.0  # urllib3's: 0, 1, 2, 4 s ...
+        with contextlib.suppress(urllib3.exceptions.InvalidHeader, ValueError, OverflowError):
+            asked = urllib3.Retry().parse_retry_after(self.retry_after or "0")  # else ignored
+        backoff = min(BACKOFF * 2**attempt, BACKOFF_MAX) if attempt else 0.0  # urllib3's
         return max(backoff, min(asked, RETRY_AFTER_MAX))
 
 
@@ -348,8 +351,11 @@ class HttpJson(Source[HttpJsonOptions]):
                 reason, detail = _failure(error)
                 failed = self._timed_out() if deadline.expired else ItemError(reason, detail)
                 failure = _Retryable(failed) if failed.reason in RETRIED else failed
-            except (ItemError, _Retryable) as error:
-                failure = _Retryable(self._timed_out()) if deadline.expired else error
+            except _Retryable as retryable:
+                failure = _Retryable(self._timed_out()) if deadline.expired else retryable
+            except ItemError as error:
+                failed = self._timed_out() if deadline.expired else error
+                failure = _Retryable(failed) if failed.reason in RETRIED else failed
         raise _on_page(failure, url)
 
     def _timed_out(self) -> ItemError:

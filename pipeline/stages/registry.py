@@ -72,7 +72,7 @@ def stage_modules() -> list[str]:
 
 def loaded_stage_modules() -> list[str]:
     """The modules of this package imported so far: those of the kinds plans named."""
-    return sorted(name for name in sys.modules if name.startswith(f"{__package__}."))
+    return sorted(name for name in list(sys.modules) if name.startswith(f"{__package__}."))
 
 
 def _load_all() -> None:

@@ -75,9 +75,15 @@ class Watched:
 
     sock: socket.socket | None
 
+    def _new_conn(self) -> socket.socket:
+        """A new connection's socket, watched from before its TLS handshake."""
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]  # mixin, as below
+        watch_current(sock)
+        return sock
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         super().request(*args, **kwargs)  # type: ignore[misc]  # mixin: super() is HTTPConnection
-        watch_current(self.sock)
+        watch_current(self.sock)  # a reused connection's, for this attempt
 
 
 def watched_pool_manager(**kwargs: Any) -> Any:

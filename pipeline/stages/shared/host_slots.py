@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import socketserver
@@ -32,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+logger = logging.getLogger(__name__)
 Limits = tuple[int, float | None]  # (per_host, per_host_rate)
 Started = Callable[[], None]  # called as the request starts (a rate lease's timer)
 
@@ -115,13 +117,14 @@ class HostSlots:
 class _Leases:
     """One host's `per_host` leases on one worker: when each spare one was taken from the
     keeper (`spare`), how many requests hold one (`busy`, at most `peak` since the last
-    trim), and whether a request is asking the keeper for one (`asking`)."""
+    trim), how many are taking one (`takers`: the record lives while any does), and
+    whether one of those is asking the keeper (`asking`)."""
 
-    __slots__ = ("asking", "busy", "freed", "peak", "spare")
+    __slots__ = ("asking", "busy", "freed", "peak", "spare", "takers")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.spare: list[float] = []  # monotonic
-        self.busy = self.peak = 0
+        self.busy = self.peak = self.takers = 0
         self.asking = False
         self.freed = threading.Condition(lock)
 
@@ -146,7 +149,7 @@ class _Leases:
         return gone
 
     def idle(self) -> bool:
-        return not (self.spare or self.busy or self.asking)
+        return not (self.spare or self.busy or self.takers)
 
 
 class LeasedSlots:
@@ -199,75 +202,100 @@ class LeasedSlots:
     @contextlib.contextmanager
     def hold(self, host: str) -> Iterator[None]:
         with self._rate_gate(host) as started:
-            taken = self._take(host)
+            leases, taken = self._take(host)
             try:
                 self._wait_pause(host)  # last: a pause set while this one queued holds it
                 started()
                 yield
             finally:
-                self._give(host, taken)
+                self._give(host, leases, taken)
 
     def pause(self, host: str, seconds: float) -> None:
-        until = time.time() + seconds
         with self._lock:
-            self._pauses = _later(self._pauses, {host: until})
+            self._pauses = _later(self._pauses, {host: time.time() + seconds})
+            until = self._pauses[host]  # a later pause already known is not cut short
         self._publish_pause(host, until)
 
     # --- per_host leases ---
 
-    def _take(self, host: str) -> float:
-        """A lease for one request (when it was taken from the keeper)."""
-        while True:
+    def _take(self, host: str) -> tuple[_Leases, float]:
+        """A lease for one request: the host's record, and when the lease was taken from
+        the keeper."""
+        with self._lock:
+            leases = self._leases.get(host)
+            if leases is None:
+                leases = self._leases[host] = _Leases(self._lock)
+            leases.takers += 1
+        try:
+            while True:
+                with self._lock:
+                    leases.wait_turn(self.limit)
+                    if leases.spare:
+                        return leases, leases.use(leases.spare.pop())
+                    leases.asking = True
+                got = False
+                try:
+                    got = self._ask(host, LEASE_LINGER)
+                finally:
+                    with self._lock:  # counted before the trimmer can see the record idle
+                        leases.asking = False
+                        leases.freed.notify()  # the next waiting request may ask
+                        if got:
+                            self._start_trimming()
+                            taken = leases.use(time.monotonic())
+                if got:
+                    return leases, taken
+        finally:
             with self._lock:
-                leases = self._leases.setdefault(host, _Leases(self._lock))
-                leases.wait_turn(self.limit)
-                if leases.spare:
-                    return leases.use(leases.spare.pop())
-                leases.asking = True
-            try:
-                got = self._ask(host, LEASE_LINGER)
-            finally:
-                with self._lock:
-                    leases.asking = False
-                    leases.freed.notify()  # the next waiting request may ask
-            if got:
-                with self._lock:
-                    self._start_trimming()
-                    return leases.use(time.monotonic())
+                leases.takers -= 1
 
     def _start_trimming(self) -> None:
         if not self._trimming:
             self._trimming = True
             threading.Thread(target=self._trim, name="host-leases", daemon=True).start()
 
-    def _give(self, host: str, taken: float) -> None:
+    def _give(self, host: str, leases: _Leases, taken: float) -> None:
         """A request is done: its lease is spare for LEASE_HOLD, then goes back."""
         with self._lock:
-            leases = self._leases[host]
             leases.busy -= 1
             kept = time.monotonic() - taken < LEASE_HOLD
             if kept:
                 leases.spare.append(taken)
             leases.freed.notify()  # a spare lease, or room to ask for one
         if not kept:
+            self._give_back_quietly(host)
+
+    def _give_back_quietly(self, host: str) -> None:
+        """`_give_back`; if the keeper or this worker's loop has gone, so has the lease
+        (a keeper releases what a gone worker held), and the request's own outcome stands."""
+        try:
             self._give_back(host)
+        except (OSError, RuntimeError) as exc:
+            logger.debug("a per_host lease of %s was not given back: %s", host, exc)
 
     def _trim(self) -> None:
         """Every LEASE_LINGER seconds, give back the leases beyond the most in use at once
-        meanwhile; ends once this worker holds none."""
-        while True:
-            time.sleep(LEASE_LINGER)
+        meanwhile; ends once this worker holds none (a later lease starts it again)."""
+        try:
+            while self._trim_once():
+                pass
+        except BaseException:  # a later lease must start another trimmer
             with self._lock:
-                unneeded = {host: leases.unneeded() for host, leases in self._leases.items()}
-                for host in [host for host, leases in self._leases.items() if leases.idle()]:
-                    del self._leases[host]
-                self._trimming = bool(self._leases)
-            with contextlib.suppress(OSError, RuntimeError):  # the keeper or the worker went:
-                for host, gone in unneeded.items():  # its leases are given back without us
-                    for _ in gone:
-                        self._give_back(host)
-            if not self._trimming:
-                return
+                self._trimming = False
+            raise
+
+    def _trim_once(self) -> bool:
+        """One trim, after LEASE_LINGER seconds; False once no lease is left to watch."""
+        time.sleep(LEASE_LINGER)
+        with self._lock:
+            unneeded = {host: leases.unneeded() for host, leases in self._leases.items()}
+            for host in [host for host, leases in self._leases.items() if leases.idle()]:
+                del self._leases[host]
+            watching = self._trimming = bool(self._leases)
+        for host, gone in unneeded.items():
+            for _ in gone:
+                self._give_back_quietly(host)
+        return watching
 
     # --- pauses ---
 
@@ -474,6 +502,7 @@ def join_host_slot_server(address: str) -> None:
     """A pool process's initializer: count requests against the parent's keeper."""
     global _pool_keeper
     _pool_keeper = address
+    _local_slots.clear()  # a forked child must not count in the keeper it inherited
 
 
 # --- a dask cluster: semaphores on the scheduler -----------------------------------------
@@ -524,7 +553,7 @@ class ClusterHostSlots(LeasedSlots):
         self._semaphore(host, "per-host", self.limit).release()
 
     def _pause_key(self, host: str | None = None) -> list[str]:
-        return ["pipeline", self.run, "pauses", *([host] if host else [])]
+        return ["pipeline", self.run, "pauses", *([] if host is None else [host])]
 
     def _fetch_pauses(self) -> dict[str, float]:
         from distributed.utils import sync
