@@ -471,7 +471,7 @@ def test_a_relative_link_is_relative_to_its_page_never_a_local_path(tmp_path):
 
 def test_a_retry_waits_the_backoff_or_the_servers_retry_after_up_to_a_cap():
     """A hostile API's `Retry-After: 100000` does not put the batch to sleep for a day."""
-    from pipeline.stages.http_json import BACKOFF, RETRY_AFTER_MAX, _Retryable
+    from pipeline.stages.http_json import BACKOFF, BACKOFF_MAX, RETRY_AFTER_MAX, _Retryable
 
     error = ItemError("http_4xx", "HTTP 429")
     assert _Retryable(error).delay(0) == 0.0
@@ -479,3 +479,5 @@ def test_a_retry_waits_the_backoff_or_the_servers_retry_after_up_to_a_cap():
     assert _Retryable(error, "3").delay(0) == 3.0
     assert _Retryable(error, "100000").delay(0) == RETRY_AFTER_MAX
     assert _Retryable(error, "not a time").delay(1) == BACKOFF * 2
+    assert _Retryable(error, "Mon, 01 Jan 99999 00:00:00 GMT").delay(0) == 0.0  # ignored
+    assert _Retryable(error).delay(40) == BACKOFF_MAX  # retries: 40 waits no days
