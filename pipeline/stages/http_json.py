@@ -25,7 +25,6 @@ earlier pages go on. Messages never show headers or query strings (they hold sec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from pipeline.records import SourceItem, jsonable
 from pipeline.stages.base import Source
 from pipeline.stages.registry import register
 from pipeline.stages.shared.deadline import Deadline, watched_pool_manager
+from pipeline.stages.shared.retry_after import parse_retry_after
 from pipeline.stages.shared.urls import url_scheme, url_text
 
 CHUNK = 64 * 1024
@@ -179,19 +179,17 @@ def _status_reason(status: int) -> str:
     return {4: "http_4xx", 5: "http_5xx"}.get(status // 100, "protocol_error")
 
 
-def read_body(response: urllib3.BaseHTTPResponse, cap: int, seconds: float) -> bytes:
+def read_body(response: urllib3.BaseHTTPResponse, cap: int) -> bytes:
     """The body, read a chunk at a time: ItemError once it passes `cap` bytes
-    (`too_large`) or takes more than `seconds` (`timeout`, for a server that drips)."""
+    (`too_large`). A server that drips it is cut off by the attempt's deadline."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > cap and "Content-Encoding" not in response.headers:
         raise ItemError("too_large", f"the page has {declared} bytes, over max_page_bytes {cap}")
-    deadline, size, chunks = time.monotonic() + seconds, 0, []
+    size, chunks = 0, []
     while chunk := response.read1(CHUNK):
         size += len(chunk)
         if size > cap:
             raise ItemError("too_large", f"the page is over max_page_bytes ({cap} bytes)")
-        if time.monotonic() > deadline:
-            raise ItemError("timeout", f"the page took over {seconds} s to read")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -213,9 +211,7 @@ class _Retryable(Exception):
 
     def delay(self, attempt: int) -> float:
         """Seconds before retry `attempt + 1`: the backoff, or the Retry-After (capped)."""
-        asked = 0.0
-        with contextlib.suppress(urllib3.exceptions.InvalidHeader, ValueError, OverflowError):
-            asked = urllib3.Retry().parse_retry_after(self.retry_after or "0")  # else ignored
+        asked = parse_retry_after(self.retry_after or "") or 0.0  # not a time: ignored
         backoff = min(BACKOFF * 2**attempt, BACKOFF_MAX) if attempt else 0.0  # urllib3's
         return max(backoff, min(asked, RETRY_AFTER_MAX))
 
@@ -346,16 +342,15 @@ class HttpJson(Source[HttpJsonOptions]):
                     response.close()  # a body left unread (an error, too large) ends it
                 if not deadline.expired:
                     return document
-                failure: Exception = _Retryable(self._timed_out())
+                failure: Exception = self._timed_out()
             except urllib3.exceptions.HTTPError as error:
-                reason, detail = _failure(error)
-                failed = self._timed_out() if deadline.expired else ItemError(reason, detail)
-                failure = _Retryable(failed) if failed.reason in RETRIED else failed
-            except _Retryable as retryable:
-                failure = _Retryable(self._timed_out()) if deadline.expired else retryable
-            except ItemError as error:
-                failed = self._timed_out() if deadline.expired else error
-                failure = _Retryable(failed) if failed.reason in RETRIED else failed
+                failure = ItemError(*_failure(error))
+            except (ItemError, _Retryable) as error:
+                failure = error
+        if deadline.expired:  # whatever it looked like, the attempt ran out of time
+            failure = self._timed_out()
+        if isinstance(failure, ItemError) and failure.reason in RETRIED:
+            failure = _Retryable(failure)
         raise _on_page(failure, url)
 
     def _timed_out(self) -> ItemError:
@@ -394,7 +389,7 @@ class HttpJson(Source[HttpJsonOptions]):
             if response.status in RETRIED_STATUSES:
                 raise _Retryable(error, response.headers.get("Retry-After"))
             raise error
-        body = read_body(response, self.options.max_page_bytes, self.options.timeout)
+        body = read_body(response, self.options.max_page_bytes)
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as exc:

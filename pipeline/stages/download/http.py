@@ -35,11 +35,11 @@ from pipeline.stages.download.policy import (
     BlockedAddress,
     RetryPolicy,
     check_robots_tag,
-    parse_retry_after,
 )
 from pipeline.stages.download.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsNeeded
 from pipeline.stages.shared.deadline import Deadline, Watched, within_deadline
 from pipeline.stages.shared.host_slots import thread_slots
+from pipeline.stages.shared.retry_after import parse_retry_after
 
 CHUNK = 64 * 1024
 TRANSIENT_STATUSES = {408, 429}  # retried, like every 5xx

@@ -5,11 +5,10 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 from pipeline.errors import ItemError
+from pipeline.stages.shared.retry_after import parse_retry_after
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -117,18 +116,6 @@ class RetryPolicy:
         if asked is None:
             return backoff
         return max(backoff, min(asked, self.retry_after_cap))
-
-
-def parse_retry_after(value: str) -> float | None:
-    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def check_robots_tag(values: list[str]) -> None:

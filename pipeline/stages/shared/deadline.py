@@ -34,7 +34,7 @@ class Deadline:
         self.expires_at = time.monotonic() + seconds
         self.expired = False
         self._finished = False
-        self._sockets: list[socket.socket] = []
+        self._sockets: set[socket.socket] = set()  # a new connection's: watched twice
         self._lock = threading.Lock()
 
     def remaining(self) -> float:
@@ -43,7 +43,7 @@ class Deadline:
     def watch(self, sock: socket.socket) -> None:
         """Cut `sock` when the deadline expires (at once if it already has)."""
         with self._lock:
-            self._sockets.append(sock)
+            self._sockets.add(sock)
             expired = self.expired
         if expired:
             _shut(sock)
