@@ -186,7 +186,7 @@ class ShardAssembler:
         pieces = [piece for piece, _ in parts]
         self.piece_left.subtract(sample.piece for sample in samples)
         # the shard is every row of one piece, which no other shard reads: moved, not copied
-        sole = len(parts) == 1 and parts[0][1] == [*range(self.piece_rows[pieces[0]])]
+        sole = len(parts) == 1 and len(parts[0][1]) == self.piece_rows[pieces[0]]
         self.piece_readers.update(pieces)
         self.manifest.begin_shard(name, path, self.run_id)
         args = (self.plan, name, path, keys, parts, sole)

@@ -287,10 +287,9 @@ def lost_worker(exc: BaseException) -> bool:
 
 def task_error(exc: Exception) -> ItemError:
     """The error each item of a task that raised `exc` fails with."""
-    if type(exc).__name__ == "KilledWorker":
-        return ItemError("worker_lost", f"the partition's worker died repeatedly: {exc}")
-    if isinstance(exc, BrokenExecutor):
-        return ItemError("worker_lost", f"the partition's worker died: {exc}")
+    if lost_worker(exc):  # a KilledWorker: dask saw the task kill worker after worker
+        how = "" if isinstance(exc, BrokenExecutor) else " repeatedly"
+        return ItemError("worker_lost", f"the partition's worker died{how}: {exc}")
     return ItemError("internal_error", f"{type(exc).__name__}: {exc}")
 
 

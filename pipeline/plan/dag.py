@@ -82,13 +82,8 @@ class Plan:
     def upstream(self, names: Iterable[str]) -> Plan:
         """The plan cut down to `names` and every stage they read from, directly or not:
         its nodes and its config's stages (no first-pass conclusions)."""
-        keep: set[str] = set()
-        todo = list(names)
-        while todo:
-            name = todo.pop()
-            if name not in keep:
-                keep.add(name)
-                todo.extend(self.by_name[name].inputs)
+        wanted = set(names)
+        keep = wanted | _read_from(wanted, {node.name: node.inputs for node in self.nodes})
         stages = {name: spec for name, spec in self.config.stages.items() if name in keep}
         config = self.config.model_copy(update={"stages": stages})
         return Plan(self.job, config, tuple(node for node in self.nodes if node.name in keep))
@@ -259,22 +254,26 @@ def _check_edges(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
 def _upstream_problems(nodes: dict[str, StageNode], doc: ConfigDocument) -> list[str]:
     """What each stage's kind needs from the stages above it and lacks (`upstream_problems`)."""
     problems = []
+    inputs_of = {name: node.inputs for name, node in nodes.items()}
     for node in nodes.values():
-        above = [(nodes[name].kind, nodes[name].options) for name in _ancestors(node, nodes)]
+        above = [
+            (nodes[name].kind, nodes[name].options) for name in _read_from([node.name], inputs_of)
+        ]
         for key, message in stage_kind(node.kind).upstream_problems(node.options, above):
             problems.append(doc.problem(("stages", node.name, key), message))
     return problems
 
 
-def _ancestors(node: StageNode, nodes: dict[str, StageNode]) -> list[str]:
-    """The stages above `node` (nearest first), among the valid ones; a cycle ends it."""
-    found: list[str] = []
-    frontier = [name for name in node.inputs if name in nodes]
-    while frontier:
-        name = frontier.pop(0)
-        if name not in found and name != node.name:
-            found.append(name)
-            frontier += [above for above in nodes[name].inputs if above in nodes]
+def _read_from(names: Iterable[str], inputs_of: Mapping[str, tuple[str, ...]]) -> set[str]:
+    """Every stage that `names` read from, directly or not, among those in `inputs_of`
+    (a cycle ends the walk)."""
+    found: set[str] = set()
+    todo = [above for name in names for above in inputs_of.get(name, ())]
+    while todo:
+        name = todo.pop()
+        if name in inputs_of and name not in found:
+            found.add(name)
+            todo.extend(inputs_of[name])
     return found
 
 
